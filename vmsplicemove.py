@@ -100,18 +100,14 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _load_libc(use_errno: bool = True) -> Any:
+def _load_libc(loader: Any = ctypes.CDLL, **options: Any) -> Any:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=use_errno)
+        return loader(ctypes.util.find_library("c") or None, **options)
     except OSError:
         return None
 
 
-def _load_libc_plain() -> Any:
-    return _load_libc(use_errno=False)
-
-
-_libc = _load_libc()
+_libc = _load_libc(use_errno=True)
 _vmsplice_fn: Any = getattr(_libc, "vmsplice", None)
 if _vmsplice_fn is not None:
     _vmsplice_fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_size_t, ctypes.c_uint]
@@ -121,10 +117,11 @@ if _vmsplice_fn is not None:
 # and the discard would leave gifted pages mapped and writable, and lose the
 # count.  Python runs handlers between bytecodes, so each non-blocking step
 # runs with signals blocked; waiting happens unblocked, in poll().  This pair
-# runs around every step: without argtypes ctypes calls it about a third
-# faster, and its arguments are only ints and ctypes byref/array objects.
+# runs around every step, so it is bound for speed: without argtypes (its
+# arguments are only ints and ctypes objects) and through PyDLL, which keeps
+# the GIL (the call never blocks), it costs about a third less.
 _Sigset = ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))
-_sigmask_fn: Any = getattr(_load_libc_plain(), "pthread_sigmask", None) if _LINUX else None
+_sigmask_fn: Any = getattr(_load_libc(ctypes.PyDLL), "pthread_sigmask", None) if _LINUX else None
 _ALL_SIGNALS = _Sigset()
 if _sigmask_fn is not None:
     _sigmask_fn.restype = ctypes.c_int
@@ -206,6 +203,9 @@ def _hugepage_size() -> int:
         return 2 * 1024 * 1024
 
 
+_HUGE_PAGE_SIZE = _hugepage_size()
+
+
 def _check_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -243,7 +243,7 @@ class PageBuffer(mmap.mmap):
         _check_int("size", size)
         if size <= 0:
             raise ValueError(f"size must be positive, not {size}")
-        unit = _hugepage_size() if huge else PAGE_SIZE
+        unit = _HUGE_PAGE_SIZE if huge else PAGE_SIZE
         rounded = -(-size // unit) * unit
         if rounded > sys.maxsize:
             raise ValueError(f"size {size} is larger than any mapping can be")
@@ -267,7 +267,8 @@ class PageBuffer(mmap.mmap):
     @property
     def address(self) -> int:
         """The start address of the mapping (a multiple of ``PAGE_SIZE``)."""
-        _open_size(self)
+        if self.closed:
+            raise ValueError("the PageBuffer is closed")
         return self._address
 
     @property
@@ -293,7 +294,7 @@ class PageBuffer(mmap.mmap):
         means to the end.  Raises ``ValueError`` for a bad range or a closed
         buffer, ``TypeError`` for non-int arguments.
         """
-        start, stop = _page_range(_open_size(self), offset, length, aligned=True)
+        start, stop = _page_range(self, offset, length, aligned=True)
         self._discard(start, stop)
 
     def _discard(self, start: int, stop: int) -> None:
@@ -310,8 +311,15 @@ class PageBuffer(mmap.mmap):
         return f"<PageBuffer size={len(self)} address={self._address:#x} huge={self._huge}>"
 
 
-def _page_range(size: int, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
-    """Check a byte range of a buffer of ``size`` bytes; return ``(start, stop)``."""
+def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
+    """Check a byte range of ``buf`` (a PageBuffer, or a buffer's size in
+    bytes); return ``(start, stop)``."""
+    if type(buf) is int:
+        size = buf
+    elif buf.closed:
+        raise ValueError("the PageBuffer is closed")
+    else:
+        size = len(buf)
     if type(offset) is not int or (length is not None and type(length) is not int):
         _check_int("offset", offset)
         if length is not None:
@@ -325,12 +333,6 @@ def _page_range(size: int, offset: int, length: int | None, aligned: bool) -> tu
     if stop > size:
         raise ValueError(f"range [{offset}, {stop}) is past the end of the buffer ({size} bytes)")
     return offset, stop
-
-
-def _open_size(buf: PageBuffer) -> int:
-    if buf.closed:
-        raise ValueError("the PageBuffer is closed")
-    return len(buf)
 
 
 # ---------------------------------------------------------------------------
@@ -490,7 +492,7 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
                         f"{type(buf).__name__}: pages of other objects cannot be dropped safely")
-    start, stop = _page_range(_open_size(buf), offset, length, aligned=True)
+    start, stop = _page_range(buf, offset, length, aligned=True)
     if type(flags) is not int or flags & ~_SPLICE_F_ALL:
         _check_flags(flags, _SPLICE_F_ALL, "gift")
     if _pipe_direction(fd, "gift") == os.O_RDONLY:
@@ -529,7 +531,7 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
         _check_flags(flags, _MOVE_FLAGS, "move")
     pins = None
     if isinstance(buf, PageBuffer):
-        start, stop = _page_range(_open_size(buf), offset, length, aligned=False)
+        start, stop = _page_range(buf, offset, length, aligned=False)
         address = buf._address
     else:
         pins = _Pins([buf], writable=True, what="move's buffer")
@@ -565,6 +567,12 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
     global _use_vmsplice
     if start == stop:
         return 0
+    # Gifted pages before ``kept`` are discarded; [kept, end) still await it.
+    # A huge-page buffer is discarded a whole huge page at a time until the
+    # call ends: dropping part of one splits it, and refilling the buffer
+    # would then fault 512 small pages instead of one huge page.
+    kept = end = start
+    unit = _HUGE_PAGE_SIZE if gifting and buf._huge else PAGE_SIZE
     call_flags = (flags | SPLICE_F_NONBLOCK,)
     pin = memoryview(buf)  # close() must fail while the kernel may use the pages
     fds = (fd,)
@@ -581,8 +589,12 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
                     try:
                         n = _vmsplice_fn(fd, iov[0], 1, call_flags[0])
                         if n > 0:  # iter_to_pipe() queues whole pages of an aligned range
-                            buf.madvise(_MADV_DONTNEED, pos, n)
                             counted.append(n)
+                            end = pos + n
+                            edge = end if end == stop else end - (address + end) % unit
+                            if edge > kept:
+                                buf.madvise(_MADV_DONTNEED, kept, edge - kept)
+                                kept = edge
                     finally:
                         _sigmask_fn(_SIG_SETMASK, old, None)
                 else:
@@ -620,6 +632,8 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
         exc.transferred = sum(counted)  # type: ignore[attr-defined]
         raise
     finally:
+        if end > kept:  # a short count, or an exception while waiting in poll()
+            buf.madvise(_MADV_DONTNEED, kept, end - kept)
         pin.release()
     return done
 
@@ -937,7 +951,7 @@ def _mismatch(buf: Any, seed: int, length: int) -> int | None:
             end = min(pos + (1 << 20), length)
             want = expected[:end - pos]
             _pattern(want, pos, seed)
-            if got[pos:end] != want:
+            if got[pos:end].tobytes() != want:  # bytes compare with memcmp, views item by item
                 return pos + next(i for i in range(end - pos) if got[pos + i] != want[i])
     finally:
         got.release()
@@ -1043,14 +1057,21 @@ class _Progress:
 
 # -- migrate: a region filled in a child, sent to the parent ----------------
 
-MIGRATE_METHODS = ("gift", "plain-fresh", "plain-prefaulted")
+# method: (the writer's region in huge pages, the reader's, the reader's
+# memory faulted in before the clock starts)
+MIGRATE_METHODS = {
+    "gift": (True, True, False),          # the module's best settings
+    "gift-4k": (False, False, False),     # the same without huge pages
+    "plain-fresh": (True, False, False),  # os.write, os.readv into new memory
+    "plain-prefaulted": (True, False, True),
+}
 
 
 def _migrate_writer(w: int, status: int, size: int, method: str, seed: int) -> None:
-    src = PageBuffer(size)
+    src = PageBuffer(size, huge=MIGRATE_METHODS[method][0])
     _fill(src, seed)
     os.write(status, b"R")
-    sent = gift(w, src) if method == "gift" else _write_all(w, src)
+    sent = gift(w, src) if method.startswith("gift") else _write_all(w, src)
     os.close(w)
     report = {"sent": sent, "region_resident": _resident(src), "rss": _status_kib("VmRSS") << 10}
     os.write(status, json.dumps(report).encode())
@@ -1058,24 +1079,28 @@ def _migrate_writer(w: int, status: int, size: int, method: str, seed: int) -> N
 
 def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
     """Send ``size`` bytes child to parent by ``method``; time and verify."""
-    dst = PageBuffer(size)
-    if method == "plain-prefaulted":
-        _populate(dst)
     r, w = pipe()
     sr, sw = os.pipe()
     pid = _in_child(_migrate_writer, w, sw, size, method, seed)
     os.close(w)
     os.close(sw)
+    _, huge, prefault = MIGRATE_METHODS[method]
+    if prefault:  # mapped after the fork: pages shared with the child would be copied on write
+        dst = PageBuffer(size, huge=huge)
+        _populate(dst)
     bar = _Progress(label, size, bool(label))
     try:
         _reset_peak()
         if os.read(sr, 1) != b"R":
             raise RuntimeError("the writer process failed before sending")
         start = time.perf_counter()
+        if not prefault:  # new memory: its page faults are part of the transfer
+            dst = PageBuffer(size, huge=huge)
         got, step = 0, 16 << 20
         while got < size:
             want = min(step, size - got)
-            n = move(r, dst, got, want) if method == "gift" else _read_all(r, memoryview(dst)[got:], want)
+            n = move(r, dst, got, want) if method.startswith("gift") else \
+                _read_all(r, memoryview(dst)[got:], want)
             got += n
             bar.update(got)
             if n < want:
@@ -1152,9 +1177,264 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="measure gift/move against plain copies")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=lambda args: 0)
+    p = sub.add_parser("bench", help="measure gift/move against plain copies",
+                       description="Time each scenario's methods interleaved, median of --runs "
+                                   "after a warm-up, data verified after every run.")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", default=list(_SCENARIOS),
+                   help=f"any of {', '.join(_SCENARIOS)} (default: all)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--runs", type=_positive_int, default=5, help="timed runs per method (default 5)")
+    p.add_argument("--size", type=_parse_size, default=256 << 20,
+                   help="migrate region; stream sends 4x this, calls moves it a page at a time "
+                        "(default 256M)")
+    p.add_argument("--chunk", type=_parse_size, default=1 << 20,
+                   help="stream's reused buffer (default 1M)")
+    p.set_defaults(run=_cmd_bench)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
+# -- stream: one reused buffer refilled and sent, chunk after chunk -----------
+
+STREAM_METHODS = ("gift", "plain")
+
+
+def _stream_source(chunk: int, seed: int) -> bytes:
+    source = bytearray(chunk)
+    _fill(source, seed)
+    return bytes(source)
+
+
+def _stream_writer(w: int, status: int, chunk: int, count: int, method: str, seed: int) -> None:
+    source = _stream_source(chunk, seed)
+    # Each gift leaves the buffer without pages and the refill faults them
+    # back in: huge pages make that one fault per 2 MiB, where they fit.
+    buf = PageBuffer(chunk, huge=method == "gift" and chunk % _HUGE_PAGE_SIZE == 0)
+    buf[:] = source
+    os.write(status, b"R")
+    for i in range(count):
+        buf[:] = source
+        struct.pack_into("<Q", buf, 0, i)
+        sent = gift(w, buf) if method == "gift" else _write_all(w, buf)
+        if sent != chunk:
+            raise RuntimeError(f"chunk {i}: sent {sent} of {chunk} bytes")
+    os.close(w)
+
+
+def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
+    source = _stream_source(chunk, seed)[8:]
+    dst = PageBuffer(chunk)
+    r, w = pipe()
+    sr, sw = os.pipe()
+    pid = _in_child(_stream_writer, w, sw, chunk, count, method, seed)
+    os.close(w)
+    os.close(sw)
+    bad = None
+    try:
+        if os.read(sr, 1) != b"R":
+            raise RuntimeError("the writer process failed before sending")
+        start = time.perf_counter()
+        for i in range(count):
+            got = move(r, dst) if method == "gift" else _read_all(r, dst, chunk)
+            if got != chunk or struct.unpack_from("<Q", dst)[0] != i or dst[8:] != source:
+                bad = i
+                break
+        seconds = time.perf_counter() - start
+    finally:
+        os.close(r)
+        os.close(sr)
+        _reap(pid)
+        dst.close()
+    if bad is not None:
+        raise RuntimeError(f"stream {method}: chunk {bad} arrived wrong")
+    return {"seconds": seconds}
+
+
+# -- calls: one-page round trips in one process -------------------------------
+
+CALLS_METHODS = ("public", "bare-ctypes")
+
+
+def _calls_once(count: int, method: str) -> dict:
+    r, w = pipe()
+    src, dst = PageBuffer(PAGE_SIZE), PageBuffer(PAGE_SIZE)
+    try:
+        if method == "public":
+            start = time.perf_counter()
+            for i in range(count):
+                src[0] = i & 0xFF
+                gift(w, src)
+                move(r, dst)
+                if dst[0] != i & 0xFF:
+                    break
+        else:
+            # The least a correct gift and move can do from Python: the same
+            # three system calls through ctypes, with nothing checked.
+            libc = ctypes.CDLL(None, use_errno=True)
+            vms = libc.vmsplice
+            vms.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_size_t, ctypes.c_uint]
+            vms.restype = ctypes.c_ssize_t
+            madvise = libc.madvise
+            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            madvise.restype = ctypes.c_int
+            src_iov, dst_iov = _Iovec(src.address, PAGE_SIZE), _Iovec(dst.address, PAGE_SIZE)
+            address, dontneed, gift_flags = src.address, _MADV_DONTNEED, SPLICE_F_GIFT | SPLICE_F_MOVE
+            start = time.perf_counter()
+            for i in range(count):
+                src[0] = i & 0xFF
+                vms(w, src_iov, 1, gift_flags)
+                madvise(address, PAGE_SIZE, dontneed)
+                vms(r, dst_iov, 1, SPLICE_F_MOVE)
+                if dst[0] != i & 0xFF:
+                    break
+        seconds = time.perf_counter() - start
+        if dst[0] != (count - 1) & 0xFF:
+            raise RuntimeError(f"calls {method}: the last page arrived wrong")
+    finally:
+        src.close()
+        dst.close()
+        os.close(r)
+        os.close(w)
+    return {"seconds": seconds}
+
+
+# -- the harness ----------------------------------------------------------------
+
+_SCENARIOS = {
+    "migrate": tuple(MIGRATE_METHODS),
+    "stream": STREAM_METHODS,
+    "calls": CALLS_METHODS,
+}
+
+
+def _copy_bandwidth(size: int) -> float:
+    """The machine's memcpy bandwidth in bytes/s, between faulted buffers."""
+    a, b = bytearray(b"\1") * size, bytearray(size)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        b[:] = a
+        best = min(best, time.perf_counter() - start)
+    return size / best
+
+
+def _median(values: list) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
+    size, chunk = args.size, args.chunk
+    if name == "migrate":
+        def once(method: str, seed: int) -> dict:
+            return _migrate_once(size, method, seed)
+        volume = size
+    elif name == "stream":
+        count = max(1, 4 * size // chunk)
+        volume = count * chunk
+
+        def once(method: str, seed: int) -> dict:
+            return _stream_once(chunk, count, method, seed)
+    else:
+        count = size // PAGE_SIZE
+        volume = count * PAGE_SIZE
+
+        def once(method: str, seed: int) -> dict:
+            return _calls_once(count, method)
+    methods = _SCENARIOS[name]
+    runs: dict = {m: [] for m in methods}
+    for run in range(args.runs + 1):  # run 0 is the warm-up
+        for method in methods:  # interleaved: the machine's noise hits them all
+            result = once(method, seed=run * 16 + methods.index(method) + 1)
+            if run:
+                runs[method].append(result)
+    table = {}
+    for method in methods:
+        seconds = [r["seconds"] for r in runs[method]]
+        med = _median(seconds)
+        entry = {"median_s": med, "runs_s": seconds, "gib_s": volume / med / 2**30}
+        if name == "calls":
+            entry["round_trips_per_s"] = count / med
+        for key in ("writer_region_resident", "writer_rss", "parent_peak"):
+            if key in runs[method][-1]:
+                entry[key] = max(r[key] for r in runs[method])
+        table[method] = entry
+    return {"bytes": volume, "methods": table, "ratios": _ratios(name, table, size)}
+
+
+def _ratios(name: str, table: dict, size: int) -> dict:
+    """Same-run speed ratios, each with the project's target."""
+    def ratio(a: str, b: str, target: float) -> dict:
+        value = table[b]["median_s"] / table[a]["median_s"]
+        return {"value": value, "target": target, "met": value >= target}
+    if name == "migrate":
+        resident = table["gift"]["writer_region_resident"] / size
+        return {"gift / plain-fresh": ratio("gift", "plain-fresh", 3.0),
+                "gift / plain-prefaulted": ratio("gift", "plain-prefaulted", 1.3),
+                "writer resident at end / region": {"value": resident, "target": 0.05,
+                                                    "met": resident <= 0.05, "at_most": True}}
+    if name == "stream":
+        return {"gift / plain": ratio("gift", "plain", 1.3)}
+    return {"public / bare-ctypes": ratio("public", "bare-ctypes", 0.6)}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    unknown = [s for s in args.scenarios if s not in _SCENARIOS]
+    if unknown:
+        print(f"vmsplicemove bench: unknown scenario {unknown[0]!r}; "
+              f"choose from {', '.join(_SCENARIOS)}", file=sys.stderr)
+        return 2
+    support = probe()
+    r, w = pipe()
+    pipe_size = fcntl.fcntl(w, _F_GETPIPE_SZ)
+    os.close(r)
+    os.close(w)
+    result = {
+        "kernel": support.kernel, "huge_pages": support.huge_pages, "pipe_size": pipe_size,
+        "vmsplice": support.vmsplice, "move": support.move, "cpus": os.cpu_count(),
+        "python": sys.version.split()[0], "runs": args.runs,
+        "copy_bandwidth_gib_s": _copy_bandwidth(64 << 20) / 2**30,
+        "scenarios": {},
+    }
+    if not args.json:
+        print(f"vmsplicemove bench: kernel {support.kernel}, THP {support.huge_pages}, "
+              f"pipe {_human(pipe_size)}, {os.cpu_count()} CPUs, Python {result['python']}")
+        print(f"median of {args.runs} runs after a warm-up, methods interleaved, "
+              f"data verified after every run; memcpy reference "
+              f"{result['copy_bandwidth_gib_s']:.2f} GiB/s")
+    for name in dict.fromkeys(args.scenarios):
+        scenario = _bench_scenario(name, args)
+        result["scenarios"][name] = scenario
+        if not args.json:
+            _print_scenario(name, scenario)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _print_scenario(name: str, scenario: dict) -> None:
+    print(f"\n{name}: {_human(scenario['bytes'])}")
+    for method, entry in scenario["methods"].items():
+        line = f"  {method:<18} {entry['median_s']:9.4f} s  {entry['gib_s']:7.2f} GiB/s"
+        if "round_trips_per_s" in entry:
+            line += f"  {entry['round_trips_per_s']:10,.0f} round trips/s"
+        if "writer_region_resident" in entry:
+            line += (f"  writer region resident {_human(entry['writer_region_resident'])}"
+                     f", parent peak {_human(entry['parent_peak'])}")
+        print(line)
+    for label, r in scenario["ratios"].items():
+        bound = "at most" if r.get("at_most") else "target"
+        print(f"  {label:<34} {r['value']:6.2f}   ({bound} {r['target']}: "
+              f"{'met' if r['met'] else 'MISSED'})")
 
 
 if __name__ == "__main__":
