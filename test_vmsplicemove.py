@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -10,6 +11,8 @@ import os
 import pickle
 import platform
 import re
+import select
+import signal
 import socket
 import struct
 import subprocess
@@ -22,7 +25,6 @@ from pathlib import Path
 import pytest
 
 import vmsplicemove as vm
-import contextlib
 
 HERE = Path(__file__).resolve().parent
 PAGE = vm.PAGE_SIZE
@@ -31,12 +33,21 @@ PAGE = vm.PAGE_SIZE
 # -- helpers -------------------------------------------------------------------
 
 
+def child_watchdog():
+    """conftest's watchdog is a thread, and threads do not survive fork():
+    a child that hangs is ended by SIGALRM instead (a test that sets its own
+    timer replaces this one)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(300)
+
+
 def in_child(fn, *args):
     """Run ``fn(*args)`` in a forked child; return its (pickled) result or
     fail with the child's traceback."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        child_watchdog()
         os.close(r)
         code = 0
         try:
@@ -56,12 +67,17 @@ def in_child(fn, *args):
     return value
 
 
-def start_child(fn, *args):
-    """Fork a child running ``fn(*args)``; it exits 0 on success, 1 on error."""
+def start_child(fn, *args, close=()):
+    """Fork a child running ``fn(*args)``; it exits 0 on success, 1 on error.
+    The child first closes ``close``: the pipe ends that are the parent's, so
+    that either side sees EOF or EPIPE when the other dies."""
     pid = os.fork()
     if pid == 0:
+        child_watchdog()
         code = 1
         try:
+            for fd in close:
+                os.close(fd)
             fn(*args)
             code = 0
         except BaseException:
@@ -285,7 +301,7 @@ def _send_region(w, size, seed):
 def test_64mib_region_across_processes_byte_for_byte():
     size = 64 << 20
     r, w = vm.pipe()
-    pid = start_child(_send_region, w, size, 3)
+    pid = start_child(_send_region, w, size, 3, close=[r])
     os.close(w)
     with vm.PageBuffer(size) as dst:
         assert vm.move(r, dst) == size
@@ -461,11 +477,10 @@ def test_error_after_partial_gift_comes_on_the_next_call():
     r, w = vm.pipe(16 * PAGE)
 
     def reader():
-        os.close(w)
         read_exactly(r, 32 * PAGE)
         os._exit(0)
 
-    pid = start_child(reader)
+    pid = start_child(reader, close=[w])
     os.close(r)
     with vm.PageBuffer(size) as buf:
         buf[:] = pattern(size)
@@ -559,7 +574,7 @@ def _transfer_under_filter(err):
     support = vm.probe(refresh=True)
     size = 4 << 20
     r, w = vm.pipe()
-    pid = start_child(_send_region, w, size, 11)
+    pid = start_child(_send_region, w, size, 11, close=[r])
     os.close(w)
     with vm.PageBuffer(size) as dst:
         got = vm.move(r, dst)
@@ -625,3 +640,478 @@ def test_readme_example_runs(index):
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# ===================================================================================
+# Reliability: faults, sandboxes, signals, peers that die, misuse, soak.
+
+
+# -- peers that die -------------------------------------------------------------------
+
+
+def test_reader_killed_during_a_large_gift():
+    size = 64 << 20
+    r, w = vm.pipe()
+    data = pattern(size, 21)
+
+    def reader():
+        read_exactly(r, 3 << 20)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = start_child(reader, close=[w])
+    os.close(r)
+    with vm.PageBuffer(size) as buf:
+        buf[:] = data
+        sent = vm.gift(w, buf)  # returns once the pipe is broken: no hang
+        assert 3 << 20 <= sent < size and sent % PAGE == 0
+        assert vm._resident(buf) == size - sent  # exactly the gifted pages dropped
+        assert buf[:sent] == bytes(sent)
+        assert buf[sent:] == data[sent:]
+        with pytest.raises(BrokenPipeError):
+            vm.gift(w, buf, sent)
+        assert buf[sent:] == data[sent:]
+    assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+    os.close(w)
+
+
+def test_writer_killed_during_a_move():
+    size = 64 << 20
+    r, w = vm.pipe()
+    pid = start_child(_send_region, w, size, 22, close=[r])
+    os.close(w)
+    data = pattern(size, 22)
+    with vm.PageBuffer(size) as dst:
+        first = vm.move(r, dst, 0, 8 << 20)
+        assert first == 8 << 20
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        rest = vm.move(r, dst, first)  # what was queued, then end of file
+        assert rest <= vm._pipe_max_size() and rest % PAGE == 0
+        assert vm.move(r, dst, first + rest) == 0
+        got = first + rest
+        assert dst[:got] == data[:got]
+        assert dst[got:] == bytes(size - got)  # nothing after it
+    os.close(r)
+
+
+# -- signals ----------------------------------------------------------------------------
+
+
+def _send_under_timer(w, size, seed):
+    ticks = [0]
+    signal.signal(signal.SIGALRM, lambda *_: ticks.__setitem__(0, ticks[0] + 1))
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        _send_region(w, size, seed)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    assert ticks[0] > 10, ticks
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_256mib_under_a_timer_signal_every_millisecond(huge):
+    size = 256 << 20
+    r, w = vm.pipe()
+    pid = start_child(_send_under_timer, w, size, 23, close=[r])
+    os.close(w)
+    ticks = [0]
+    old = signal.signal(signal.SIGALRM, lambda *_: ticks.__setitem__(0, ticks[0] + 1))
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        with vm.PageBuffer(size, huge=huge) as dst:
+            got = 0
+            while got < size:  # small moves: many calls, many interrupted waits
+                n = vm.move(r, dst, got, min(size - got, 3 << 20))
+                assert n > 0
+                got += n
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert dst[:] == pattern(size, 23)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(r)
+    reap(pid)
+    assert ticks[0] > 10
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_keyboard_interrupt_during_a_blocking_gift_leaves_no_gifted_page_mapped(huge):
+    r, w = vm.pipe(16 * PAGE)  # nobody reads: gift blocks once 16 pages are queued
+    size = 64 * PAGE if not huge else vm._HUGE_PAGE_SIZE
+    data = pattern(size, 24)
+    interrupter = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    with vm.PageBuffer(size, huge=huge) as buf:
+        buf[:] = data
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt) as info:
+            vm.gift(w, buf)
+        sent = info.value.transferred
+        assert sent == 16 * PAGE
+        assert vm._resident(buf) == size - sent
+        assert buf[sent:] == data[sent:]  # not gifted: intact
+        buf[:] = b"\xee" * size  # a write to a gifted page must not reach the pipe
+        assert read_exactly(r, sent) == data[:sent]
+        assert queued(r) == 0
+    interrupter.join()
+    os.close(r)
+    os.close(w)
+
+
+def test_keyboard_interrupt_during_a_blocking_move_keeps_the_count(pipe_fds):
+    r, w = pipe_fds
+    os.write(w, b"x" * 3 * PAGE)
+    out = bytearray(8 * PAGE)
+    interrupter = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        vm.move(r, out)
+    interrupter.join()
+    assert info.value.transferred == 3 * PAGE
+    assert out[:3 * PAGE] == b"x" * 3 * PAGE and out[3 * PAGE:] == bytes(5 * PAGE)
+
+
+# -- non-blocking pipes -------------------------------------------------------------------
+
+
+def test_nonblocking_full_empty_and_half_full_pipes():
+    r, w = vm.pipe(16 * PAGE)
+    data = pattern(32 * PAGE, 25)
+    with vm.PageBuffer(32 * PAGE) as buf, vm.PageBuffer(32 * PAGE) as dst:
+        buf[:] = data
+        nb = vm.SPLICE_F_NONBLOCK
+        with pytest.raises(BlockingIOError):  # empty
+            vm.move(r, dst, flags=nb)
+        assert vm.gift(w, buf, 0, 8 * PAGE, flags=nb) == 8 * PAGE   # now half full
+        assert vm.gift(w, buf, 8 * PAGE, flags=nb) == 8 * PAGE      # takes exactly the rest
+        assert buf[16 * PAGE:] == data[16 * PAGE:]
+        with pytest.raises(BlockingIOError):  # full
+            vm.gift(w, buf, 16 * PAGE, flags=nb)
+        assert buf[16 * PAGE:] == data[16 * PAGE:]
+        assert vm.move(r, dst, 0, 5 * PAGE, flags=nb) == 5 * PAGE    # partly drained
+        assert vm.gift(w, buf, 16 * PAGE, flags=nb) == 5 * PAGE      # page-exact refill
+        assert vm.move(r, dst, 5 * PAGE, flags=nb) == 16 * PAGE      # all of it, dry after
+        assert dst[:21 * PAGE] == data[:21 * PAGE]                   # no page lost or doubled
+        assert buf[21 * PAGE:] == data[21 * PAGE:]
+        with pytest.raises(BlockingIOError):
+            vm.move(r, dst, flags=nb)
+    os.close(r)
+    os.close(w)
+
+
+# -- randomised transfers between two processes ----------------------------------------------
+
+
+def _random_cases(seed, count):
+    import random
+    rng = random.Random(seed)
+    for i in range(count):
+        pages = rng.choice([1, 2, 3, 7, 16, 64, 300, rng.randint(1, 1100)])
+        first = rng.randint(0, 3)
+        yield {
+            "index": i,
+            "seed": rng.getrandbits(32),
+            "pages": pages,
+            "first": first,                                  # gift starts this many pages in
+            "huge": rng.random() < 0.15,
+            "gift_chunks": rng.choice([None, 1, 5, 64]),      # pages per gift call; None: one call
+            "gift_nonblocking": rng.random() < 0.4,
+            "more": rng.random() < 0.2,
+            "dest": rng.choice(["pagebuffer", "bytearray", "memoryview"]),
+            "dest_offset": rng.choice([0, 0, 1, 100, PAGE]),
+            # bytes per move call; single bytes only where that stays quick
+            "move_chunk": rng.choice([None, 4095, PAGE, 3 * PAGE + 5, 1 << 20]
+                                     + ([1, 7] if pages <= 3 else [])),
+            "move_nonblocking": rng.random() < 0.4,
+        }
+
+
+def _case_bytes(case):
+    import random
+    return random.Random(case["seed"]).randbytes(case["pages"] * PAGE)
+
+
+def _random_writer(w, cases):
+    for case in cases:
+        data = _case_bytes(case)
+        first = case["first"] * PAGE
+        end = first + len(data)
+        with vm.PageBuffer(end, huge=case["huge"]) as buf:  # huge: rounded up to 2 MiB
+            buf[:first] = b"\x5a" * first
+            buf[first:end] = data
+            buf[end:] = b"\xa5" * (len(buf) - end)
+            flags = (vm.SPLICE_F_NONBLOCK if case["gift_nonblocking"] else 0) | \
+                    (vm.SPLICE_F_MORE if case["more"] else 0)
+            step = (case["gift_chunks"] or case["pages"]) * PAGE
+            pos = first
+            while pos < end:
+                try:
+                    pos += vm.gift(w, buf, pos, min(step, end - pos), flags=flags)
+                except BlockingIOError:
+                    select.select([], [w], [])
+            if (buf[:first] != b"\x5a" * first or buf[first:end] != bytes(len(data))
+                    or buf[end:] != b"\xa5" * (len(buf) - end)):
+                raise AssertionError(f"case {case['index']}: writer pages wrong after gift")
+    os.close(w)
+
+
+def _random_reader(r, cases, seed):
+    for case in cases:
+        expected = hashlib.sha256(_case_bytes(case)).hexdigest()
+        n = case["pages"] * PAGE
+        off = case["dest_offset"]
+        if case["dest"] == "pagebuffer":
+            dest = vm.PageBuffer(off + n)
+        elif case["dest"] == "bytearray":
+            dest = bytearray(off + n)
+        else:
+            dest = memoryview(bytearray(off + n + 7))[3:3 + off + n]
+        flags = vm.SPLICE_F_NONBLOCK if case["move_nonblocking"] else 0
+        got = 0
+        while got < n:
+            want = min(n - got, case["move_chunk"] or n)
+            try:
+                k = vm.move(r, dest, off + got, want, flags=flags)
+            except BlockingIOError:
+                select.select([r], [], [])
+                continue
+            assert k > 0, f"seed {seed} case {case['index']}: unexpected end of file"
+            got += k
+        digest = hashlib.sha256(memoryview(dest)[off:off + n]).hexdigest()
+        assert digest == expected, f"seed {seed} case {case['index']}: data differs ({case})"
+        if isinstance(dest, vm.PageBuffer):
+            dest.close()
+    assert vm.move(r, bytearray(1)) == 0, f"seed {seed}: bytes after the last case"
+
+
+def _random_session(seed, count):
+    cases = list(_random_cases(seed, count))
+    r, w = vm.pipe(rng_pipe_size(seed))
+    pid = start_child(_random_writer, w, cases, close=[r])
+    os.close(w)
+    try:
+        _random_reader(r, cases, seed)
+    finally:
+        os.close(r)
+    status = os.waitpid(pid, 0)[1]
+    assert status == 0, f"seed {seed}: writer failed (status {status:#x}); replay with this seed"
+
+
+def rng_pipe_size(seed):
+    return [16 * PAGE, 64 * PAGE, None][seed % 3]
+
+
+def test_randomised_transfers(soak):
+    sessions = 40 if soak else 8
+    per_session = 2500 if soak else 260  # 2,080 cases by default
+    for seed in range(1000, 1000 + sessions):
+        _random_session(seed, per_session)
+
+
+@needs_seccomp
+def test_randomised_transfers_through_the_copy_fallback(soak):
+    def run():
+        block_vmsplice(errno.EPERM)
+        for seed in range(2000, 2000 + (8 if soak else 2)):
+            _random_session(seed, 100)
+        return vm._use_vmsplice
+    assert in_child(run) is False
+
+
+# -- leaks -------------------------------------------------------------------------------
+
+
+def _process_state():
+    maps = [ln.split()[0] for ln in Path("/proc/self/maps").read_text().splitlines()]
+    return sorted(os.listdir("/proc/self/fd")), len(maps), vm._status_kib("VmRSS") << 10
+
+
+def test_no_leaks_over_many_cycles_and_probes(soak):
+    cycles, probes = (500_000, 10_000) if soak else (50_000, 1_000)
+    r, w = vm.pipe()
+    src, dst = vm.PageBuffer(PAGE), vm.PageBuffer(PAGE)
+    for i in range(1000):  # warm up: allocator pools, caches
+        vm.gift(w, src)
+        vm.move(r, dst)
+        vm.probe(refresh=i % 10 == 0)
+    fds, maps, rss = _process_state()
+    for i in range(cycles):
+        src[0] = i & 0xFF
+        vm.gift(w, src)
+        vm.move(r, dst)
+        assert dst[0] == i & 0xFF
+    for _ in range(probes):
+        vm.probe(refresh=True)
+    fds2, maps2, rss2 = _process_state()
+    assert fds2 == fds
+    assert maps2 == maps
+    assert rss2 - rss < 8 << 20, (rss, rss2)
+    src.close()
+    dst.close()
+    os.close(r)
+    os.close(w)
+
+
+# -- misuse cannot crash the interpreter ---------------------------------------------------------
+
+
+def _misuse_matrix():
+    import array
+    import mmap as mmap_module
+    r, w = vm.pipe(16 * PAGE)
+    closed = vm.PageBuffer(PAGE)
+    closed.close()
+    live = vm.PageBuffer(2 * PAGE)
+    shared = mmap_module.mmap(-1, PAGE)
+    f = tempfile.TemporaryFile()  # noqa: SIM115 -- closed at the end, with the others
+    s = socket.socket()
+    dead_r, dead_w = os.pipe()
+    os.close(dead_r)
+    os.close(dead_w)
+    buffers = {
+        "bytes": b"\0" * PAGE, "bytearray": bytearray(PAGE), "str": "x" * PAGE, "int": PAGE,
+        "None": None, "list": [0] * PAGE, "array": array.array("d", [0.0] * 512),
+        "shared mmap": shared, "closed PageBuffer": closed,
+        "strided view": memoryview(bytearray(2 * PAGE))[::2],
+        "2-d view": memoryview(bytearray(PAGE)).cast("B", (64, 64)),
+        "readonly view": memoryview(bytearray(PAGE)).toreadonly(),
+        "ctypes array": (ctypes.c_char * PAGE)(),
+    }
+    fds = {"file": f.fileno(), "socket": s.fileno(), "closed": dead_w, "negative": -5,
+           "huge": 2 ** 40, "str": "3", "float": 3.0, "bool": True}
+    sizes = [-1, 0, 2 ** 63, 2 ** 80, 1.5, "1", None]
+    outcomes = []
+
+    def attempt(label, call):
+        try:
+            call()
+            outcomes.append((label, "ok"))
+        except (TypeError, ValueError, OSError, BufferError, OverflowError) as exc:
+            outcomes.append((label, type(exc).__name__))
+
+    for name, obj in buffers.items():
+        attempt(f"gift {name}", lambda obj=obj: vm.gift(w, obj))
+        attempt(f"move {name}", lambda obj=obj: vm.move(r, obj, flags=vm.SPLICE_F_NONBLOCK))
+        attempt(f"vmsplice w {name}", lambda obj=obj: vm.vmsplice(w, [obj], vm.SPLICE_F_NONBLOCK))
+        attempt(f"vmsplice r {name}", lambda obj=obj: vm.vmsplice(r, [obj], vm.SPLICE_F_NONBLOCK))
+    for name, fd in fds.items():
+        attempt(f"gift fd {name}", lambda fd=fd: vm.gift(fd, live))
+        attempt(f"move fd {name}", lambda fd=fd: vm.move(fd, live, flags=vm.SPLICE_F_NONBLOCK))
+        attempt(f"vmsplice fd {name}", lambda fd=fd: vm.vmsplice(fd, [b"x"]))
+    for size in sizes:
+        attempt(f"PageBuffer({size!r})", lambda size=size: vm.PageBuffer(size))
+        attempt(f"pipe({size!r})", lambda size=size: os.close(vm.pipe(size)[0]))
+        attempt(f"gift length {size!r}", lambda size=size: vm.gift(w, live, 0, size))
+        attempt(f"move offset {size!r}", lambda size=size: vm.move(r, live, size, flags=vm.SPLICE_F_NONBLOCK))
+        attempt(f"discard {size!r}", lambda size=size: live.discard(0, size))
+    view = memoryview(live)
+    attempt("close with a live export", live.close)
+    view.release()
+    live.close()
+    for label, use in [("index", lambda: live[0]), ("slice", lambda: live[:1]),
+                       ("assign", lambda: live.__setitem__(0, 1)), ("len", lambda: len(live)),
+                       ("memoryview", lambda: memoryview(live)), ("address", lambda: live.address),
+                       ("discard", live.discard), ("gift", lambda: vm.gift(w, live)),
+                       ("move", lambda: vm.move(r, live)), ("vmsplice", lambda: vm.vmsplice(w, [live]))]:
+        attempt(f"after close: {label}", use)
+    f.close()
+    s.close()
+    shared.close()
+    os.close(r)
+    os.close(w)
+    return outcomes
+
+
+def test_misuse_gets_its_documented_exception_and_never_crashes():
+    outcomes = dict(in_child(_misuse_matrix))  # a crash would kill only the child
+    for name in ("bytes", "bytearray", "str", "int", "None", "list", "array", "shared mmap",
+                 "strided view", "2-d view", "readonly view", "ctypes array"):
+        assert outcomes[f"gift {name}"] == "TypeError", name  # only PageBuffers are gifted
+    assert outcomes["gift closed PageBuffer"] == "ValueError"
+    for name in ("bytes", "str", "int", "None", "list", "strided view", "readonly view"):
+        assert outcomes[f"move {name}"] == "TypeError", name
+    for name in ("bytearray", "array", "shared mmap", "2-d view", "ctypes array"):
+        # valid: it reads what an earlier case queued, or finds the pipe empty
+        assert outcomes[f"move {name}"] in ("ok", "BlockingIOError"), name
+    assert outcomes["move closed PageBuffer"] == "ValueError"
+    assert outcomes["vmsplice r bytes"] == "TypeError"
+    assert outcomes["vmsplice w bytes"] == "ok"
+    for fd in ("file", "socket", "closed", "negative", "huge"):
+        for call in ("gift", "move", "vmsplice"):
+            assert outcomes[f"{call} fd {fd}"] == "OSError", (call, fd)
+    for fd in ("str", "float", "bool"):
+        for call in ("gift", "move", "vmsplice"):
+            assert outcomes[f"{call} fd {fd}"] == "TypeError", (call, fd)
+    for size, kind in [(-1, "ValueError"), (0, "ValueError"), (2 ** 63, "ValueError"),
+                       (2 ** 80, "ValueError"), (1.5, "TypeError"), ("1", "TypeError")]:
+        assert outcomes[f"PageBuffer({size!r})"] == kind, size
+        if size != 0:  # a zero length is valid: nothing to do
+            assert outcomes[f"gift length {size!r}"] == kind, size
+            assert outcomes[f"discard {size!r}"] == kind, size
+            assert outcomes[f"move offset {size!r}"] == kind, size
+    assert outcomes["gift length 0"] == outcomes["discard 0"] == "ok"
+    assert outcomes["move offset 0"] == "BlockingIOError"
+    assert outcomes["PageBuffer(None)"] == "TypeError"
+    for size, kind in [(-1, "ValueError"), (0, "ValueError"), (2 ** 63, "ValueError"),
+                       (2 ** 80, "ValueError"), (1.5, "TypeError"), ("1", "TypeError"),
+                       (None, "ok")]:
+        assert outcomes[f"pipe({size!r})"] == kind, size
+    assert outcomes["close with a live export"] == "BufferError"
+    for label, kind in outcomes.items():
+        if label.startswith("after close"):
+            assert kind == "ValueError", label
+
+
+def test_close_while_another_thread_is_blocked_in_move(pipe_fds):
+    r, w = pipe_fds
+    buf = vm.PageBuffer(4 * PAGE)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("n", vm.move(r, buf)))
+    thread.start()
+    import time
+    time.sleep(0.1)
+    with pytest.raises(BufferError):
+        buf.close()  # the kernel may be writing into it: refused, not a crash
+    os.write(w, b"y" * 4 * PAGE)
+    thread.join(10)
+    assert result == {"n": 4 * PAGE} and buf[:] == b"y" * 4 * PAGE
+    buf.close()
+
+
+# -- threads --------------------------------------------------------------------------------
+
+
+def test_threads_gift_and_move_on_several_pipes_at_once(soak):
+    pipes, size = (8, 64 << 20) if soak else (4, 8 << 20)
+    results = {}
+
+    def writer(i, w):
+        with vm.PageBuffer(size, huge=i % 2 == 1) as buf:
+            buf[:] = pattern(size, 30 + i)
+            for pos in range(0, size, 1 << 20):  # many calls, interleaved with the others
+                assert vm.gift(w, buf, pos, 1 << 20) == 1 << 20
+        os.close(w)
+
+    def reader(i, r):
+        dst = bytearray(size) if i % 2 else vm.PageBuffer(size)
+        got = 0
+        while got < size:
+            n = vm.move(r, dst, got, min(size - got, 777 * 1000))
+            if n == 0:
+                break
+            got += n
+        assert vm.move(r, bytearray(1)) == 0  # and nothing after it
+        results[i] = (got, hashlib.sha256(memoryview(dst)[:got]).hexdigest())
+        os.close(r)
+
+    threads = []
+    for i in range(pipes):
+        r, w = vm.pipe(64 * PAGE)
+        threads += [threading.Thread(target=writer, args=(i, w)),
+                    threading.Thread(target=reader, args=(i, r))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(pipes):
+        assert results[i] == (size, hashlib.sha256(pattern(size, 30 + i)).hexdigest()), i

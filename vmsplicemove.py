@@ -376,6 +376,8 @@ def _pipe_direction(fd: int, call: str) -> int:
         return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
         raise _fd_error(exc.errno or errno.EBADF, fd, call) from None
+    except OverflowError:  # beyond a C int: no such descriptor can be open
+        raise OSError(errno.EBADF, f"{call}: descriptor {fd} is not open") from None
 
 
 def _call_vmsplice(fd: int, iov: Any, count: int, flags: int) -> int:
@@ -702,8 +704,8 @@ def pipe(size: int | None = None) -> tuple[int, int]:
     """
     if size is not None:
         _check_int("size", size)
-        if size <= 0:
-            raise ValueError(f"size must be positive, not {size}")
+        if not 0 < size < 2**31:  # fcntl() would silently truncate a larger one
+            raise ValueError(f"size must be positive and below 2 GiB, not {size}")
     r, w = os.pipe()  # close-on-exec (non-inheritable) since Python 3.4
     try:
         if size is not None:
