@@ -1,9 +1,6 @@
 """pytest options for vmsplicemove's suite: --soak runs the long versions."""
 
-import faulthandler
-import os
 import signal
-import threading
 
 import pytest
 
@@ -21,14 +18,16 @@ def soak(request):
 
 @pytest.fixture(autouse=True)
 def watchdog(request):
-    """A test that hangs fails instead of blocking CI: after the limit a real
-    SIGINT interrupts whatever call it is stuck in, and pytest reports where;
-    if even that does not end it, faulthandler prints every thread and exits."""
+    """A test that hangs fails instead of blocking CI: SIGALRM interrupts the
+    call it is stuck in and raises.  No thread: the suite forks, and threads
+    do not survive fork.  A test with a SIGALRM timer of its own replaces this."""
     limit = 1800 if request.config.getoption("--soak") else 180
-    timer = threading.Timer(limit, os.kill, (os.getpid(), signal.SIGINT))
-    timer.daemon = True
-    timer.start()
-    faulthandler.dump_traceback_later(limit + 60, exit=True)
+
+    def expired(signum, frame):
+        raise TimeoutError(f"the test was still running after {limit} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
     yield
-    timer.cancel()
-    faulthandler.cancel_dump_traceback_later()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)

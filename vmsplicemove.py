@@ -69,6 +69,7 @@ __version__ = "0.1.0"
 # Constants (include/uapi/linux/splice.h)
 
 PAGE_SIZE: int = mmap.PAGESIZE
+_PAGE_MASK = PAGE_SIZE - 1
 SPLICE_F_MOVE: int = 1
 SPLICE_F_NONBLOCK: int = 2
 SPLICE_F_MORE: int = 4
@@ -86,6 +87,7 @@ if IOV_MAX <= 0:
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FIONREAD = 0x541B  # asm-generic/ioctls.h; only used on Linux
+_fcntl, _F_GETFL, _O_ACCMODE = fcntl.fcntl, fcntl.F_GETFL, os.O_ACCMODE
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels answer EINVAL
@@ -96,8 +98,11 @@ _LINUX = sys.platform.startswith("linux")
 # The libc binding: argtypes and restype set once, errno kept per thread.
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+# struct iovec {void *iov_base; size_t iov_len;}, packed into bytes: the
+# kernel only reads it, and ctypes passes bytes to a c_void_p argument as a
+# pointer, faster than it builds and converts a Structure.
+_IOVEC = struct.Struct("PN")
+_pack_iovec = _IOVEC.pack
 
 
 def _load_libc(loader: Any = ctypes.CDLL, **options: Any) -> Any:
@@ -110,7 +115,7 @@ def _load_libc(loader: Any = ctypes.CDLL, **options: Any) -> Any:
 _libc = _load_libc(use_errno=True)
 _vmsplice_fn: Any = getattr(_libc, "vmsplice", None)
 if _vmsplice_fn is not None:
-    _vmsplice_fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_size_t, ctypes.c_uint]
+    _vmsplice_fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     _vmsplice_fn.restype = ctypes.c_ssize_t
 
 # A signal handler that raises (KeyboardInterrupt) between the vmsplice call
@@ -326,12 +331,13 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
             _check_int("length", length)
     if offset < 0 or (length is not None and length < 0):
         raise ValueError(f"offset and length must not be negative (offset={offset}, length={length})")
-    stop = max(offset, size) if length is None else offset + length
-    if aligned and (offset | (stop - offset)) & (PAGE_SIZE - 1):
+    stop = size if length is None else offset + length
+    if offset > stop or stop > size:
+        raise ValueError(f"range [{offset}, {max(offset, stop)}) is past the end of the buffer "
+                         f"({size} bytes)")
+    if aligned and (offset | stop) & _PAGE_MASK:  # size is whole pages: stop tells of length
         raise ValueError(f"offset and length must be multiples of the page size {PAGE_SIZE} "
                          f"(offset={offset}, length={length})")
-    if stop > size:
-        raise ValueError(f"range [{offset}, {stop}) is past the end of the buffer ({size} bytes)")
     return offset, stop
 
 
@@ -418,9 +424,7 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
         raise OSError(errno.ENOSYS, "vmsplice is not available in this C library")
     pins = _Pins(buffers, writable=(mode == os.O_RDONLY), what="buffers[{}]")
     try:
-        iov = (_Iovec * max(1, len(pins.views)))()
-        for slot, view in zip(iov, pins.views):
-            slot.iov_base, slot.iov_len = view.buf, view.len
+        iov = b"".join(_pack_iovec(view.buf, view.len) for view in pins.views) or None
         while True:
             n = _call_vmsplice(fd, iov, len(pins.views), flags)
             if n >= 0:
@@ -497,8 +501,6 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
     start, stop = _page_range(buf, offset, length, aligned=True)
     if type(flags) is not int or flags & ~_SPLICE_F_ALL:
         _check_flags(flags, _SPLICE_F_ALL, "gift")
-    if _pipe_direction(fd, "gift") == os.O_RDONLY:
-        raise ValueError(f"gift needs the write end of a pipe; descriptor {fd} is a read end")
     return _transfer(True, fd, buf, buf._address, start, stop,
                      flags | SPLICE_F_GIFT | SPLICE_F_MOVE)
 
@@ -544,12 +546,6 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
             raise
         address = pins.views[0].buf
     try:
-        mode = _pipe_direction(fd, "move")
-        if mode != os.O_RDONLY:
-            if mode == os.O_RDWR:
-                _require_pipe(fd, "move")
-            raise ValueError(f"move needs the read end of a pipe; descriptor {fd} is open for "
-                             f"writing, so vmsplice would send the buffer instead")
         return _transfer(False, fd, buf, address, start, stop, flags | SPLICE_F_MOVE)
     finally:
         if pins is not None:
@@ -567,6 +563,22 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
     handler's exception never separates a vmsplice call from its discard,
     and the except clause can always tell how much was transferred."""
     global _use_vmsplice
+    # The direction first, before any vmsplice: on a read end vmsplice would
+    # fill the gift's pages from the pipe; on a write end it would send the
+    # move's buffer.  (Inline, not _pipe_direction(): this is the hot path.)
+    try:
+        mode = _fcntl(fd, _F_GETFL) & _O_ACCMODE if type(fd) is int and fd >= 0 else -1
+    except (OSError, OverflowError):
+        mode = -1
+    if mode < 0:
+        mode = _pipe_direction(fd, "gift" if gifting else "move")  # raises, saying why
+    if gifting and mode == os.O_RDONLY:
+        raise ValueError(f"gift needs the write end of a pipe; descriptor {fd} is a read end")
+    if not gifting and mode != os.O_RDONLY:
+        if mode == os.O_RDWR:
+            _require_pipe(fd, "move")
+        raise ValueError(f"move needs the read end of a pipe; descriptor {fd} is open for "
+                         f"writing, so vmsplice would send the buffer instead")
     if start == stop:
         return 0
     # Gifted pages before ``kept`` are discarded; [kept, end) still await it.
@@ -575,21 +587,20 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
     # would then fault 512 small pages instead of one huge page.
     kept = end = start
     unit = _HUGE_PAGE_SIZE if gifting and buf._huge else PAGE_SIZE
-    call_flags = (flags | SPLICE_F_NONBLOCK,)
+    step_flags = flags | SPLICE_F_NONBLOCK
     pin = memoryview(buf)  # close() must fail while the kernel may use the pages
-    fds = (fd,)
     counted: list = []
     done = 0
     try:
         while True:
             pos = start + done
             if _use_vmsplice:
-                iov = (_Iovec(address + pos, stop - pos),)
+                iov = _pack_iovec(address + pos, stop - pos)
                 if gifting:
                     old = _Sigset()  # _block_signals(), inlined: this is the hot path
                     _sigmask_fn(_SIG_BLOCK, _ALL_SIGNALS_REF, old)
                     try:
-                        n = _vmsplice_fn(fd, iov[0], 1, call_flags[0])
+                        n = _vmsplice_fn(fd, iov, 1, step_flags)
                         if n > 0:  # iter_to_pipe() queues whole pages of an aligned range
                             counted.append(n)
                             end = pos + n
@@ -603,7 +614,7 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
                     # Nothing follows the call but counting, so signals stay
                     # open (that saves two calls): map() stores the result from
                     # C, where no handler runs.
-                    counted.extend(map(_vmsplice_fn, fds, iov, _ONE, call_flags))
+                    counted.extend(map(_vmsplice_fn, (fd,), (iov,), _ONE, (step_flags,)))
                     n = counted[-1]
                     if n < 0:
                         del counted[-1]
@@ -820,7 +831,7 @@ def _observe_calls(notes: list) -> tuple[bool, bool | None, bool | None]:
     dst = PageBuffer(PAGE_SIZE)
     try:
         src[:8] = b"original"
-        n = _call_vmsplice(w, _Iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK)
+        n = _call_vmsplice(w, _pack_iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK)
         if n < 0:
             err = errno.errorcode.get(-n, str(-n))
             why = {errno.ENOSYS: "the kernel or a sandbox does not implement it",
@@ -1282,12 +1293,12 @@ def _calls_once(count: int, method: str) -> dict:
             # three system calls through ctypes, with nothing checked.
             libc = ctypes.CDLL(None, use_errno=True)
             vms = libc.vmsplice
-            vms.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_size_t, ctypes.c_uint]
+            vms.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             vms.restype = ctypes.c_ssize_t
             madvise = libc.madvise
             madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             madvise.restype = ctypes.c_int
-            src_iov, dst_iov = _Iovec(src.address, PAGE_SIZE), _Iovec(dst.address, PAGE_SIZE)
+            src_iov, dst_iov = _pack_iovec(src.address, PAGE_SIZE), _pack_iovec(dst.address, PAGE_SIZE)
             address, dontneed, gift_flags = src.address, _MADV_DONTNEED, SPLICE_F_GIFT | SPLICE_F_MOVE
             start = time.perf_counter()
             for i in range(count):
