@@ -625,6 +625,17 @@ def test_cli_bad_arguments_exit_2(args):
     assert run_cli(*args).returncode == 2
 
 
+def test_module_docstring_example():
+    import doctest
+    assert doctest.testmod(vm).failed == 0
+
+
+def test_raw_vmsplice_wants_a_sequence(pipe_fds):
+    with pytest.raises(TypeError, match="sequence"):
+        vm.vmsplice(pipe_fds[1], b"abc")
+    assert queued(pipe_fds[0]) == 0
+
+
 def readme_examples():
     text = (HERE / "README.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, re.S)
