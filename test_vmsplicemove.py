@@ -620,7 +620,30 @@ def test_cli_demo_small_region():
     assert "writer memory freed along the way: 8.0 MiB of 8.0 MiB" in done.stdout
 
 
-@pytest.mark.parametrize("args", [["demo", "--size", "lots"], ["nothing"], [], ["demo", "--size", "1"]])
+def test_cli_bench_runs_every_scenario_with_tiny_sizes():
+    done = run_cli("bench", "--json", "--runs", "1", "--size", "1M", "--chunk", "64K")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["kernel"] == os.uname().release and result["pipe_size"] > 0
+    scenarios = result["scenarios"]
+    assert set(scenarios) == {"migrate", "stream", "calls"}
+    assert set(scenarios["migrate"]["methods"]) == {"gift", "gift-4k", "plain-fresh", "plain-prefaulted"}
+    assert set(scenarios["stream"]["methods"]) == {"gift", "plain"}
+    assert set(scenarios["calls"]["methods"]) == {"public", "bare-ctypes"}
+    for scenario in scenarios.values():
+        for entry in scenario["methods"].values():
+            assert len(entry["runs_s"]) == 1 and entry["median_s"] > 0
+        for ratio in scenario["ratios"].values():
+            assert ratio["value"] >= 0 and isinstance(ratio["met"], bool)
+    assert scenarios["migrate"]["methods"]["gift"]["writer_region_resident"] == 0
+    assert scenarios["stream"]["bound"]["chunk"] == 64 << 10
+    text = run_cli("bench", "calls", "--runs", "1", "--size", "64K")
+    assert text.returncode == 0 and "public / bare-ctypes" in text.stdout
+    assert run_cli("bench", "nope").returncode == 2
+
+
+@pytest.mark.parametrize("args", [["demo", "--size", "lots"], ["nothing"], [], ["demo", "--size", "1"],
+                                  ["bench", "--runs", "0"]])
 def test_cli_bad_arguments_exit_2(args):
     assert run_cli(*args).returncode == 2
 
