@@ -69,22 +69,12 @@ def in_child(fn, *args):
 
 def start_child(fn, *args, close=()):
     """Fork a child running ``fn(*args)``; it exits 0 on success, 1 on error.
-    The child first closes ``close``: the pipe ends that are the parent's, so
-    that either side sees EOF or EPIPE when the other dies."""
-    pid = os.fork()
-    if pid == 0:
+    It first closes ``close``, the parent's pipe ends, so that either side
+    sees EOF or EPIPE when the other dies."""
+    def watched():
         child_watchdog()
-        code = 1
-        try:
-            for fd in close:
-                os.close(fd)
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
+        fn(*args)
+    return vm._in_child(watched, close=close)
 
 
 def reap(pid):

@@ -1010,15 +1010,21 @@ def _populate(buf: PageBuffer) -> None:
             buf[pos] = 0
 
 
-def _in_child(fn: Any, *args: Any) -> int:
-    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error."""
+def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
+    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error.
+    The child first closes ``close``, the parent's pipe ends: holding them,
+    it would never see EPIPE or EOF if the parent died, and would hang."""
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        for fd in close:
+            os.close(fd)
         fn(*args)
         code = 0
+    except BrokenPipeError:
+        pass  # the parent is gone or gave up: nobody to tell
     except BaseException:
         import traceback
         traceback.print_exc()
@@ -1026,9 +1032,13 @@ def _in_child(fn: Any, *args: Any) -> int:
         os._exit(code)
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, failing: bool) -> None:
+    """Wait for child ``pid``.  When the parent is ``failing`` already (an
+    exception, Ctrl-C) the child is killed first and its status not judged."""
+    if failing:
+        os.kill(pid, 9)  # SIGKILL: its work is no longer wanted
     status = os.waitpid(pid, 0)[1]
-    if status:
+    if status and not failing:
         raise RuntimeError(f"child process {pid} failed (wait status {status:#x})")
 
 
@@ -1099,7 +1109,7 @@ def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
     """Send ``size`` bytes child to parent by ``method``; time and verify."""
     r, w = pipe()
     sr, sw = os.pipe()
-    pid = _in_child(_migrate_writer, w, sw, size, method, seed)
+    pid = _in_child(_migrate_writer, w, sw, size, method, seed, close=(r, sr))
     os.close(w)
     os.close(sw)
     _, huge, prefault = MIGRATE_METHODS[method]
@@ -1107,6 +1117,7 @@ def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
         dst = PageBuffer(size, huge=huge)
         _populate(dst)
     bar = _Progress(label, size, bool(label))
+    failing = True
     try:
         _reset_peak()
         if os.read(sr, 1) != b"R":
@@ -1126,11 +1137,12 @@ def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM") << 10
         report = json.loads(os.read(sr, 4096) or b"{}")
+        failing = False
     finally:
         bar.close()
         os.close(r)
         os.close(sr)
-        _reap(pid)
+        _reap(pid, failing)
     bad = _mismatch(dst, seed, size) if got == size else got
     dst.close()
     if bad is not None:
@@ -1192,6 +1204,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, OSError) as exc:
         print(f"vmsplicemove {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"vmsplicemove {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _add_bench_parser(sub: Any) -> None:
@@ -1252,10 +1267,11 @@ def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
     dst = PageBuffer(chunk)
     r, w = pipe()
     sr, sw = os.pipe()
-    pid = _in_child(_stream_writer, w, sw, chunk, count, method, seed)
+    pid = _in_child(_stream_writer, w, sw, chunk, count, method, seed, close=(r, sr))
     os.close(w)
     os.close(sw)
     bad = None
+    failing = True
     try:
         if os.read(sr, 1) != b"R":
             raise RuntimeError("the writer process failed before sending")
@@ -1266,10 +1282,11 @@ def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
                 bad = i
                 break
         seconds = time.perf_counter() - start
+        failing = bad is not None  # the writer may be blocked on what was not read
     finally:
         os.close(r)
         os.close(sr)
-        _reap(pid)
+        _reap(pid, failing)
         dst.close()
     if bad is not None:
         raise RuntimeError(f"stream {method}: chunk {bad} arrived wrong")
