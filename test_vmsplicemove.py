@@ -610,6 +610,15 @@ def test_cli_demo_small_region():
     assert "writer memory freed along the way: 8.0 MiB of 8.0 MiB" in done.stdout
 
 
+def test_demo_and_bench_verification_finds_a_wrong_byte():
+    with vm.PageBuffer(3 << 20) as buf:
+        vm._fill(buf, 5)
+        assert vm._mismatch(buf, 5, len(buf)) is None
+        buf[(2 << 20) + 12345] ^= 1
+        assert vm._mismatch(buf, 5, len(buf)) == (2 << 20) + 12345
+        assert vm._mismatch(buf, 6, PAGE) is not None  # another seed: another page
+
+
 def test_cli_bench_runs_every_scenario_with_tiny_sizes():
     done = run_cli("bench", "--json", "--runs", "1", "--size", "1M", "--chunk", "64K")
     assert done.returncode == 0, done.stderr

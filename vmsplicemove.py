@@ -969,7 +969,7 @@ def _mismatch(buf: Any, seed: int, length: int) -> int | None:
             end = min(pos + (1 << 20), length)
             want = expected[:end - pos]
             _pattern(want, pos, seed)
-            if got[pos:end].tobytes() != want:  # bytes compare with memcmp, views item by item
+            if got[pos:end].tobytes() != want.tobytes():  # bytes: memcmp; views: item by item
                 return pos + next(i for i in range(end - pos) if got[pos + i] != want[i])
     finally:
         got.release()
