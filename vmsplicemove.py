@@ -1201,12 +1201,26 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            print(f"vmsplicemove {args.command}: {exc}", file=sys.stderr)
+            return 1
+        # Our reader left early (`| head`): quiet, and no second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process ended by SIGPIPE
     except (RuntimeError, OSError) as exc:
         print(f"vmsplicemove {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"vmsplicemove {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (POLLERR)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _add_bench_parser(sub: Any) -> None:
