@@ -46,6 +46,7 @@ import select
 import stat
 import struct
 import sys
+import termios
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -86,15 +87,17 @@ except (AttributeError, ValueError, OSError):
 if IOV_MAX <= 0:
     IOV_MAX = 1024
 
+_LINUX = sys.platform.startswith("linux")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-_FIONREAD = 0x541B  # asm-generic/ioctls.h; only used on Linux
 _fcntl, _F_GETFL, _O_ACCMODE = fcntl.fcntl, fcntl.F_GETFL, os.O_ACCMODE
-_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+# Only Linux promises that MADV_DONTNEED on private anonymous memory frees
+# the pages and reads back zeros; elsewhere (macOS) it is advice, and
+# discard() writes zeros instead.
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None) if _LINUX else None
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels answer EINVAL
 _THP = "/sys/kernel/mm/transparent_hugepage/"
-_LINUX = sys.platform.startswith("linux")
 
 # ---------------------------------------------------------------------------
 # The libc binding: argtypes and restype set once, errno kept per thread.
@@ -458,7 +461,8 @@ def _wait(fd: int, event: int) -> None:
 
 
 def _queued(fd: int) -> int:
-    return struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"))[0]
+    """Bytes waiting in pipe ``fd``."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def _require_pipe(fd: int, call: str) -> None:
