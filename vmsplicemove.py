@@ -654,7 +654,11 @@ def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: 
         exc.transferred = sum(counted)  # type: ignore[attr-defined]
         raise
     finally:
-        if end > kept:  # a short count, or an exception while waiting in poll()
+        # A short count, or an exception while waiting in poll() (huge pages
+        # only: 4 KiB steps leave nothing pending).  From Python 3.11 no
+        # signal handler can run before this madvise(); on 3.9 and 3.10 a
+        # second raising handler in these few bytecodes could still skip it.
+        if end > kept:
             buf.madvise(_MADV_DONTNEED, kept, end - kept)
         pin.release()
     return done
