@@ -959,11 +959,11 @@ def _pattern_block(seed: int) -> bytes:
     return _blocks[seed]
 
 
-def _fill(buf: Any, seed: int, length: int | None = None) -> None:
+def _fill(buf: Any, seed: int) -> None:
+    """Fill all of ``buf`` with ``_pattern``'s bytes."""
     mv = memoryview(buf)
-    stop = len(mv) if length is None else length
-    for pos in range(0, stop, 1 << 20):
-        _pattern(mv[pos:min(pos + (1 << 20), stop)], pos, seed)
+    for pos in range(0, len(mv), 1 << 20):
+        _pattern(mv[pos:pos + (1 << 20)], pos, seed)
     mv.release()
 
 
