@@ -1040,13 +1040,28 @@ def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
         os._exit(code)
 
 
-def _reap(pid: int, failing: bool) -> None:
-    """Wait for child ``pid``.  When the parent is ``failing`` already (an
-    exception, Ctrl-C) the child is killed first and its status not judged."""
-    if failing:
-        os.kill(pid, 9)  # SIGKILL: its work is no longer wanted
-    status = os.waitpid(pid, 0)[1]
-    if status and not failing:
+@contextlib.contextmanager
+def _writer_child(fn: Any, *args: Any) -> Any:
+    """Fork ``fn(write_fd, status_fd, *args)`` as the writer; yield the
+    parent's ``(read_fd, status_fd)``.  On the way out the pipes close and the
+    child is reaped; if the parent is failing (an exception, Ctrl-C), the
+    child is killed first and its status not judged."""
+    r, w = pipe()
+    sr, sw = os.pipe()
+    pid = _in_child(fn, w, sw, *args, close=(r, sr))
+    os.close(w)
+    os.close(sw)
+    failing = True
+    try:
+        yield r, sr
+        failing = False
+    finally:
+        os.close(r)
+        os.close(sr)
+        if failing:
+            os.kill(pid, 9)  # SIGKILL: its work is no longer wanted
+        status = os.waitpid(pid, 0)[1]
+    if status:
         raise RuntimeError(f"child process {pid} failed (wait status {status:#x})")
 
 
@@ -1085,8 +1100,11 @@ class _Progress:
             sys.stderr.write(f"\r{self.label:<14} [{'#' * cells:<30}] {100 * done // self.total:3d}%")
             sys.stderr.flush()
 
-    def close(self) -> None:
-        if self.enabled:
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:  # clear the line
             sys.stderr.write("\r" + " " * 60 + "\r")
             sys.stderr.flush()
 
@@ -1115,18 +1133,12 @@ def _migrate_writer(w: int, status: int, size: int, method: str, seed: int) -> N
 
 def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
     """Send ``size`` bytes child to parent by ``method``; time and verify."""
-    r, w = pipe()
-    sr, sw = os.pipe()
-    pid = _in_child(_migrate_writer, w, sw, size, method, seed, close=(r, sr))
-    os.close(w)
-    os.close(sw)
     _, huge, prefault = MIGRATE_METHODS[method]
-    if prefault:  # mapped after the fork: pages shared with the child would be copied on write
-        dst = PageBuffer(size, huge=huge)
-        _populate(dst)
-    bar = _Progress(label, size, bool(label))
-    failing = True
-    try:
+    with _writer_child(_migrate_writer, size, method, seed) as (r, sr), \
+            _Progress(label, size, bool(label)) as bar:
+        if prefault:  # mapped after the fork: pages shared with the child would be copied on write
+            dst = PageBuffer(size, huge=huge)
+            _populate(dst)
         _reset_peak()
         if os.read(sr, 1) != b"R":
             raise RuntimeError("the writer process failed before sending")
@@ -1145,12 +1157,6 @@ def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM") << 10
         report = json.loads(os.read(sr, 4096) or b"{}")
-        failing = False
-    finally:
-        bar.close()
-        os.close(r)
-        os.close(sr)
-        _reap(pid, failing)
     bad = _mismatch(dst, seed, size) if got == size else got
     dst.close()
     if bad is not None:
@@ -1286,32 +1292,16 @@ def _stream_writer(w: int, status: int, chunk: int, count: int, method: str, see
 
 def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
     source = _stream_source(chunk, seed)[8:]
-    dst = PageBuffer(chunk)
-    r, w = pipe()
-    sr, sw = os.pipe()
-    pid = _in_child(_stream_writer, w, sw, chunk, count, method, seed, close=(r, sr))
-    os.close(w)
-    os.close(sw)
-    bad = None
-    failing = True
-    try:
+    with PageBuffer(chunk) as dst, \
+            _writer_child(_stream_writer, chunk, count, method, seed) as (r, sr):
         if os.read(sr, 1) != b"R":
             raise RuntimeError("the writer process failed before sending")
         start = time.perf_counter()
         for i in range(count):
             got = move(r, dst) if method == "gift" else _read_all(r, dst, chunk)
             if got != chunk or struct.unpack_from("<Q", dst)[0] != i or dst[8:] != source:
-                bad = i
-                break
+                raise RuntimeError(f"stream {method}: chunk {i} arrived wrong")
         seconds = time.perf_counter() - start
-        failing = bad is not None  # the writer may be blocked on what was not read
-    finally:
-        os.close(r)
-        os.close(sr)
-        _reap(pid, failing)
-        dst.close()
-    if bad is not None:
-        raise RuntimeError(f"stream {method}: chunk {bad} arrived wrong")
     return {"seconds": seconds}
 
 
