@@ -1,4 +1,4 @@
-"""Move memory pages between processes through a pipe with Linux vmsplice(2).
+"""Move memory pages between processes with Linux vmsplice(2), or hand them over whole.
 
 The protocol comes from the 2013 "vmsplice: Add limited zero copy" RFC:
 
@@ -8,11 +8,12 @@ The protocol comes from the 2013 "vmsplice: Add limited zero copy" RFC:
 * where a move is not possible, the kernel copies.
 
 Mainline Linux never merged the move: ``vmsplice`` into user memory copies and
-ignores ``SPLICE_F_MOVE``.  The gift half is real everywhere: ``vmsplice`` into
-a pipe queues references to the writer's own pages, no copy.  That is also its
-danger: a later write to the buffer changes data already queued.  ``gift``
-therefore drops the gifted pages from the writer (``MADV_DONTNEED``) before it
-returns, so the writer reads zeros there and the reader gets the original.
+ignores ``SPLICE_F_MOVE``.  What is real everywhere is the writer's half:
+``vmsplice`` into a pipe queues references to the writer's own pages, flag or
+no flag, so the one copy left is the reader's.  That is also its danger: a
+later write to the buffer changes data already queued.  ``gift`` therefore
+drops the queued pages from the writer (``MADV_DONTNEED``) before it returns,
+so the writer reads zeros there and the reader gets the original.
 
     >>> import os, vmsplicemove as vm
     >>> r, w = vm.pipe()
@@ -25,24 +26,28 @@ returns, so the writer reads zeros there and the reader gets the original.
     >>> os.close(r), os.close(w)
     (None, None)
 
-``probe()`` tells what the running kernel really does.  Everything here is
-the standard library: ``ctypes`` on libc, ``mmap`` for page buffers.  Where
+The pages themselves can change hands too: ``handoff`` sends a sealed memfd
+over a Unix socket and ``takeover`` maps the very same page frames in the
+receiver.  ``probe()`` tells what the running kernel really does.  Where
 ``vmsplice`` cannot be used (not Linux, or a sandbox answers ENOSYS or EPERM)
-``gift`` and ``move`` copy with ``os.write`` and ``os.readv`` and keep the
-same results.  CPython 3.9 or later.
+``gift`` and ``move`` copy with ``writev`` and ``readv`` and keep the same
+results.  Standard library only; CPython 3.9 or later.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import ctypes
 import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import itertools
 import mmap
+import operator
 import os
 import select
+import socket
 import stat
 import struct
 import sys
@@ -51,25 +56,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+if sys.version_info < (3, 9):  # 3.7 lacks mmap.madvise: a gift would queue pages it cannot drop
+    raise ImportError("vmsplicemove needs Python 3.9 or later, not %d.%d" % sys.version_info[:2])
+
 __all__ = [
-    "IOV_MAX",
-    "PAGE_SIZE",
-    "SPLICE_F_GIFT",
-    "SPLICE_F_MORE",
-    "SPLICE_F_MOVE",
-    "SPLICE_F_NONBLOCK",
-    "PageBuffer",
-    "Support",
-    "gift",
-    "move",
-    "pipe",
-    "probe",
-    "vmsplice",
+    "IOV_MAX", "PAGE_SIZE", "SPLICE_F_GIFT", "SPLICE_F_MORE", "SPLICE_F_MOVE", "SPLICE_F_NONBLOCK",
+    "PageBuffer", "Support", "gift", "handoff", "move", "pipe", "probe", "takeover", "vmsplice",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------
-# Constants (include/uapi/linux/splice.h)
+# Constants (include/uapi/linux/splice.h, mman-common.h, fcntl.h)
 
 PAGE_SIZE: int = mmap.PAGESIZE
 _PAGE_MASK = PAGE_SIZE - 1
@@ -81,27 +78,26 @@ _SPLICE_F_ALL = SPLICE_F_MOVE | SPLICE_F_NONBLOCK | SPLICE_F_MORE | SPLICE_F_GIF
 _MOVE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 
 try:
-    IOV_MAX: int = os.sysconf("SC_IOV_MAX")
+    IOV_MAX: int = max(os.sysconf("SC_IOV_MAX"), 1)
 except (AttributeError, ValueError, OSError):
     IOV_MAX = 1024  # UIO_MAXIOV, the kernel's limit on every architecture
-if IOV_MAX <= 0:
-    IOV_MAX = 1024
 
 _LINUX = sys.platform.startswith("linux")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-_fcntl, _F_GETFL, _O_ACCMODE = fcntl.fcntl, fcntl.F_GETFL, os.O_ACCMODE
-# Only Linux promises that MADV_DONTNEED on private anonymous memory frees
-# the pages and reads back zeros; elsewhere (macOS) it is advice, and
-# discard() writes zeros instead.
-_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None) if _LINUX else None
-_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
-_MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels answer EINVAL
+_MADV_DONTNEED = 4  # Linux: private anonymous pages are freed and read back as zeros
+_MADV_REMOVE = 9  # shared memory: the pages are freed and read back as zeros
+_MADV_DONTFORK = 10
+_MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+_MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
+_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
+_HANDOFF_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 
 # ---------------------------------------------------------------------------
-# The libc binding: argtypes and restype set once, errno kept per thread.
-
+# The libc binding: argtypes and restype set once.
 
 # struct iovec {void *iov_base; size_t iov_len;}, packed into bytes: the
 # kernel only reads it, and ctypes passes bytes to a c_void_p argument as a
@@ -110,55 +106,32 @@ _IOVEC = struct.Struct("PN")
 _pack_iovec = _IOVEC.pack
 
 
-def _load_libc(loader: Any = ctypes.CDLL, **options: Any) -> Any:
-    try:
-        return loader(ctypes.util.find_library("c") or None, **options)
-    except OSError:
-        return None
+def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
+    fn = getattr(lib, name, None)
+    if fn is not None:
+        fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
 
 
-_libc = _load_libc(use_errno=True)
-_vmsplice_fn: Any = getattr(_libc, "vmsplice", None)
-if _vmsplice_fn is not None:
-    _vmsplice_fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-    _vmsplice_fn.restype = ctypes.c_ssize_t
-
-# A signal handler that raises (KeyboardInterrupt) between the vmsplice call
-# and the discard would leave gifted pages mapped and writable, and lose the
-# count.  Python runs handlers between bytecodes, so each non-blocking step
-# runs with signals blocked; waiting happens unblocked, in poll().  This pair
-# runs around every step, so it is bound for speed: without argtypes (its
-# arguments are only ints and ctypes objects) and through PyDLL, which keeps
-# the GIL (the call never blocks), it costs about a third less.
-_Sigset = ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong))
-_sigmask_fn: Any = getattr(_load_libc(ctypes.PyDLL), "pthread_sigmask", None) if _LINUX else None
-_ALL_SIGNALS = _Sigset()
-if _sigmask_fn is not None:
-    _sigmask_fn.restype = ctypes.c_int
-    _libc.sigfillset(ctypes.byref(_ALL_SIGNALS))
-_ALL_SIGNALS_REF = ctypes.byref(_ALL_SIGNALS)
-_SIG_BLOCK, _SIG_SETMASK = 0, 2
+_c_int, _c_size, _c_ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
+_libc_name = ctypes.util.find_library("c") or None
+# Calls whose errno we read: ctypes keeps it per thread (ctypes.get_errno()).
+_libc = ctypes.CDLL(_libc_name, use_errno=True)
+_vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_size, ctypes.c_uint)
+_writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
+_readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
+_mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
+# madvise through a second handle without use_errno: called right after
+# vmsplice, it must not overwrite the errno that ctypes saved for vmsplice.
+_madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size, _c_int)
+if not _LINUX:  # MADV_DONTNEED is only advice there: zeros make the same result
+    def _madvise_fn(address: int, length: int, advice: int) -> int:  # type: ignore[misc]  # noqa: F811
+        ctypes.memset(address, 0, length)
+        return 0
 
 
-def _block_signals() -> Any:
-    """Block every signal in this thread; return the mask to restore."""
-    old = _Sigset()
-    if _sigmask_fn is not None:
-        _sigmask_fn(_SIG_BLOCK, _ALL_SIGNALS_REF, old)
-    return old
 
-
-def _restore_signals(old: Any) -> None:
-    """Pending signals arrive now; their Python handlers run right after."""
-    if _sigmask_fn is not None:
-        _sigmask_fn(_SIG_SETMASK, old, None)
-
-
-# Read-only buffers (bytes) have no address in ctypes' public API; the
-# buffer protocol gives it and keeps the object exported while we use it.
-
-
-class _PyBuffer(ctypes.Structure):
+class _PyBuffer(ctypes.Structure):  # Py_buffer: the buffer protocol's view of an object
     _fields_ = [
         ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
         ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
@@ -167,158 +140,198 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
-_GetBuffer = ctypes.pythonapi.PyObject_GetBuffer
-_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_GetBuffer.restype = ctypes.c_int
-_ReleaseBuffer = ctypes.pythonapi.PyBuffer_Release
-_ReleaseBuffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_ReleaseBuffer.restype = None
+_pythonapi = ctypes.PyDLL(None)  # our own handle: ctypes.pythonapi's argtypes are everyone's
+_GetBuffer = _bind(_pythonapi, "PyObject_GetBuffer", _c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), _c_int)
+_ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyBuffer))
 
 
-class _Pins:
-    """Exports of several buffers, held while the kernel may touch them."""
-
-    def __init__(self, buffers: Sequence[Any], writable: bool, what: str) -> None:
-        """``what`` names the argument; ``{}`` in it takes the buffer's index."""
-        self.views: list = []
-        flags = 1 if writable else 0  # PyBUF_WRITABLE, else PyBUF_SIMPLE (contiguous)
-        try:
-            for i, obj in enumerate(buffers):
-                view = _PyBuffer()
-                try:
-                    _GetBuffer(obj, view, flags)
-                except (BufferError, TypeError) as exc:
-                    kind = "a writable, contiguous" if writable else "a contiguous"
-                    raise TypeError(f"{what.format(i)} must be {kind} bytes-like object, "
-                                    f"not {type(obj).__name__} ({exc})") from None
-                self.views.append(view)
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        while self.views:
-            _ReleaseBuffer(self.views.pop())
+def _address_of(view: memoryview) -> int:
+    """The address of a contiguous ``view``'s bytes, read-only ones included
+    (ctypes' public API has it only for writable buffers).  ``view`` itself
+    keeps the object exported, so that it cannot be closed or resized."""
+    raw = _PyBuffer()
+    _GetBuffer(view, raw, 0)  # PyBUF_SIMPLE: BufferError unless contiguous
+    _ReleaseBuffer(raw)
+    return raw.buf or 0
 
 
 # ---------------------------------------------------------------------------
 # Page buffers
 
 
-def _hugepage_size() -> int:
+def _read_setting(path: str, default: str) -> str:
     try:
-        with open(_THP + "hpage_pmd_size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 * 1024 * 1024
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
 
 
-_HUGE_PAGE_SIZE = _hugepage_size()
+def _thp_mode(name: str) -> str:
+    """The bracketed choice of a THP setting ("[madvise] never" -> madvise)."""
+    text = _read_setting(_THP + name, "")
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else "unavailable"
+
+
+_HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
 
 
 def _check_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     return value
 
 
 class PageBuffer(mmap.mmap):
-    """Page-aligned private anonymous memory, the only kind ``gift`` accepts.
+    """Page-aligned memory for ``gift`` and ``handoff``: an ``mmap.mmap``.
 
-    ``PageBuffer(size, *, huge=False)`` maps ``size`` bytes rounded up to
-    whole pages with ``MAP_PRIVATE | MAP_ANONYMOUS``.  It must be private:
-    dropping pages of a shared mapping (Python's ``mmap.mmap(-1, n)``
-    default) does not detach them from the pipe, so the aliasing stays.
+    ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded
+    up to whole pages.  ``huge=True`` rounds up to whole transparent huge pages
+    and advises ``MADV_HUGEPAGE`` (plain pages where there are none, silently);
+    ``huge=None`` does so exactly when ``size`` is a whole number of huge pages
+    and THP is not ``never``; ``.huge`` tells.  ``memfd=False``: private
+    anonymous memory, what ``gift`` needs (dropping a *private* page detaches it
+    from this process only; a shared page, ``mmap.mmap(-1, n)``'s default, stays
+    shared with the pipe).  ``memfd=True``: the pages of a sealable memfd, mapped
+    shared and not inherited by forked children, what ``handoff`` sends.
 
-    ``huge=True`` rounds up to whole transparent huge pages and advises
-    ``MADV_HUGEPAGE`` where the kernel offers it (plain pages otherwise, with
-    no error).  Linux 6.7 and later start such mappings on a huge-page
-    boundary; ``address`` tells.
+    A writable bytes-like object: ``len()``, indexing, slicing, ``memoryview``,
+    ``os.readv``, ``hashlib``...  Of ``mmap``'s methods it keeps ``read``,
+    ``write``, ``seek``, ``find``, ``flush``, ``madvise`` and the like; ``resize``
+    and ``move`` (mmap's memmove, not ``vmsplicemove.move``) raise ``TypeError``.
+    ``close()`` while a memoryview is exported raises ``BufferError``; any use
+    after close raises ``ValueError``.
 
-    It is a writable bytes-like object (an ``mmap.mmap``): ``len()``,
-    indexing, slicing, ``memoryview(buf)``, ``os.readv``, ``hashlib``...
-    ``close()`` while a memoryview is exported raises ``BufferError``; any
-    use after close raises ``ValueError``.  It cannot be resized.
-
-    Raises ``TypeError`` if ``size`` is not an int, ``ValueError`` if it is
-    not positive or too large to map, ``OSError`` if the system refuses the
-    memory (ENOMEM).
+    Raises:
+        TypeError: ``size`` is not an int.
+        ValueError: ``size`` is not positive, or too large to map.
+        OSError: the system refuses the memory, or memfd (not Linux, seccomp).
     """
 
-    __slots__ = ("_address", "_huge")
+    __slots__ = ("_address", "_huge", "_fd", "_kind")
     _address: int
     _huge: bool
+    _fd: int  # the memfd of a memfd=True buffer, else -1
+    _kind: str  # "private", "memfd", or "sealed" (received by takeover)
 
-    def __new__(cls, size: int, *, huge: bool = False) -> PageBuffer:
+    def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
         _check_int("size", size)
         if size <= 0:
             raise ValueError(f"size must be positive, not {size}")
+        if huge is None:
+            mode = _thp_mode("shmem_enabled" if memfd else "enabled")
+            huge = size % _HUGE_PAGE_SIZE == 0 and mode not in ("never", "deny", "unavailable")
         unit = _HUGE_PAGE_SIZE if huge else PAGE_SIZE
         rounded = -(-size // unit) * unit
         if rounded > sys.maxsize:
             raise ValueError(f"size {size} is larger than any mapping can be")
-        self = super().__new__(
-            cls, -1, rounded,
-            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-        probe_view = ctypes.c_char.from_buffer(self)
-        self._address = ctypes.addressof(probe_view)
-        del probe_view  # ends the export: close() must stay possible
+        if not memfd:
+            self = cls._map(-1, rounded, "private")
+        else:
+            fd = _new_memfd(rounded)
+            try:
+                self = cls._map(fd, rounded, "memfd")
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self.madvise(_MADV_DONTFORK)  # a child's writable mapping would block F_SEAL_WRITE
         self._huge = bool(huge)
-        if huge and _MADV_HUGEPAGE is not None:
-            with contextlib.suppress(OSError):  # THP not built in: plain pages, silently
+        if huge:
+            try:
                 self.madvise(_MADV_HUGEPAGE)
+            except OSError:  # THP not built in: plain pages, silently
+                pass
         return self
 
-    def __init__(self, size: int, *, huge: bool = False) -> None:
+    def __init__(self, size: int, *, huge: bool | None = None, memfd: bool = False) -> None:
         pass  # everything happens in __new__, as mmap.mmap wants
+
+    @classmethod
+    def _map(cls, fd: int, size: int, kind: str) -> PageBuffer:
+        """Map ``size`` bytes: anonymous (fd -1), a memfd shared, or a sealed
+        memfd private (copy on write)."""
+        flags = mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE
+        if fd < 0:
+            flags |= mmap.MAP_ANONYMOUS
+        self = super().__new__(cls, fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._address = _address_of(memoryview(self))
+        self._huge, self._fd, self._kind = False, -1, kind
+        return self
 
     @property
     def address(self) -> int:
-        """The start address of the mapping (a multiple of ``PAGE_SIZE``)."""
-        if self.closed:
-            raise ValueError("the PageBuffer is closed")
+        """The start address of the mapping, a multiple of ``PAGE_SIZE``."""
+        _page_range(self, 0, 0, aligned=False)  # ValueError when closed
         return self._address
 
-    @property
-    def size(self) -> int:  # type: ignore[override]
-        """The mapped size in bytes: the requested size rounded up."""
-        return len(self)
-
-    @property
-    def huge(self) -> bool:
-        """Whether huge pages were asked for."""
-        return self._huge
+    size = property(len, doc="The mapped size in bytes: the requested size rounded up.")
+    huge = property(lambda self: self._huge, doc="Whether huge pages were chosen.")
+    memfd = property(lambda self: self._kind != "private",
+                     doc="Whether the pages live in a memfd (``memfd=True``, or from ``takeover``).")
 
     def resize(self, newsize: int) -> None:
         raise TypeError("a PageBuffer cannot be resized: its address would change")
 
-    def discard(self, offset: int = 0, length: int | None = None) -> None:
-        """Drop ``self[offset:offset+length]`` from this process.
+    def move(self, dest: int, src: int, count: int) -> None:
+        raise TypeError("PageBuffer.move is mmap's memmove: write buf[a:b] = buf[c:d] instead; "
+                        "to receive from a pipe, call vmsplicemove.move(fd, buf)")
 
-        The range stays mapped and reads back as zeros; its memory goes back
-        to the system (``MADV_DONTNEED`` on private anonymous memory).  Pages
-        the kernel still holds for a pipe stay there, unchanged.  ``offset``
-        and ``length`` must be multiples of ``PAGE_SIZE``; ``length=None``
-        means to the end.  Raises ``ValueError`` for a bad range or a closed
-        buffer, ``TypeError`` for non-int arguments.
+    def close(self) -> None:
+        """Unmap the pages (and close the memfd); ``BufferError`` while exported."""
+        super().close()
+        self.__del__()
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def discard(self, offset: int = 0, length: int | None = None) -> None:
+        """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end).
+
+        The range reads back as zeros and its memory goes back to the system; pages
+        a pipe still holds stay there, unchanged.  ``ValueError`` for a bad range
+        or a closed buffer, ``OSError`` if the kernel refuses (locked memory before
+        Linux 5.18).
         """
         start, stop = _page_range(self, offset, length, aligned=True)
-        self._discard(start, stop)
-
-    def _discard(self, start: int, stop: int) -> None:
-        if stop <= start:
+        if stop == start:
             return
-        if _MADV_DONTNEED is not None:
-            self.madvise(_MADV_DONTNEED, start, stop - start)
-        else:  # no madvise here: same visible result
-            self[start:stop] = bytes(stop - start)
+        if self._kind == "memfd":
+            self.madvise(_MADV_REMOVE, start, stop - start)
+        elif self._kind == "sealed":  # the memfd cannot change: map fresh zero pages over it
+            _zero_pages(self._address + start, stop - start)
+        else:
+            self.madvise((_MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED), start, stop - start)
 
     def __repr__(self) -> str:
-        if self.closed:
-            return "<PageBuffer closed>"
-        return f"<PageBuffer size={len(self)} address={self._address:#x} huge={self._huge}>"
+        return "<PageBuffer closed>" if self.closed else \
+            f"<PageBuffer size={len(self)} address={self._address:#x} huge={self._huge} memfd={self.memfd}>"
+
+
+def _new_memfd(size: int) -> int:
+    if not hasattr(os, "memfd_create"):
+        raise OSError(errno.ENOSYS, "memfd buffers need Linux (os.memfd_create)")
+    try:
+        fd = os.memfd_create("vmsplicemove", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise OSError(exc.errno, f"memfd_create failed: {exc.strerror}; a sandbox (seccomp) "
+                                 f"may refuse it, and then handoff is not possible") from None
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _zero_pages(address: int, length: int) -> None:
+    """Replace the pages at ``address`` with fresh private zero pages."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED: replace, atomically
+    if _mmap_fn(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0) != address:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap over the discarded range failed: {os.strerror(err)}")
 
 
 def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
@@ -330,16 +343,14 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
         raise ValueError("the PageBuffer is closed")
     else:
         size = len(buf)
-    if type(offset) is not int or (length is not None and type(length) is not int):
+    if type(offset) is not int or (length is not None and type(length) is not int):  # the common case first
         _check_int("offset", offset)
-        if length is not None:
-            _check_int("length", length)
+        _check_int("length", 0 if length is None else length)
     if offset < 0 or (length is not None and length < 0):
         raise ValueError(f"offset and length must not be negative (offset={offset}, length={length})")
     stop = size if length is None else offset + length
     if offset > stop or stop > size:
-        raise ValueError(f"range [{offset}, {max(offset, stop)}) is past the end of the buffer "
-                         f"({size} bytes)")
+        raise ValueError(f"range [{offset}, {max(offset, stop)}) is past the end of the buffer ({size} bytes)")
     if aligned and (offset | stop) & _PAGE_MASK:  # size is whole pages: stop tells of length
         raise ValueError(f"offset and length must be multiples of the page size {PAGE_SIZE} "
                          f"(offset={offset}, length={length})")
@@ -351,76 +362,80 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
 
 
 def _check_flags(flags: int, allowed: int, where: str) -> None:
-    _check_int("flags", flags)
-    if flags & ~allowed:
+    if _check_int("flags", flags) & ~allowed:
         raise ValueError(f"{where} does not accept flags {flags:#x}; allowed bits: {allowed:#x}")
 
 
 def _describe_fd(fd: int) -> str:
+    """What ``fd`` is, in words: "a pipe read end", "a pipe write end", "a pipe
+    open for reading and writing", "a regular file", "a socket", "a directory",
+    "a character device", "a block device", "not open" or "not a pipe"."""
     try:
-        st = os.fstat(fd)
-    except OSError:
-        return f"descriptor {fd} is not open"
+        mode = os.fstat(fd).st_mode
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except (OSError, OverflowError):
+        return "not open"
+    if stat.S_ISFIFO(mode):
+        return {os.O_RDONLY: "a pipe read end", os.O_WRONLY: "a pipe write end"}.get(
+            access, "a pipe open for reading and writing")
     kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISDIR, "a directory"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe")]
-    kind = next((name for test, name in kinds if test(st.st_mode)), "not a pipe")
-    return f"descriptor {fd} is {kind}"
+             (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "not a pipe")
 
 
 def _fd_error(err: int, fd: int, call: str) -> OSError:
-    """An OSError for ``err`` whose message says what ``fd`` is."""
-    if err in (errno.EBADF, errno.EINVAL):
-        what = _describe_fd(fd)
-        if what.endswith("not open"):
-            return OSError(errno.EBADF, f"{call}: {what}")
-        if not what.endswith("a pipe"):
-            return OSError(err, f"{call}: {what}, not a pipe")
+    """An OSError for ``err`` from ``call``, saying what ``fd`` is when that is
+    the reason."""
+    what = _describe_fd(fd)
+    if what == "not open":
+        return OSError(errno.EBADF, f"{call}: descriptor {fd} is not open")
+    if not what.startswith("a pipe"):
+        return OSError(errno.EBADF, f"{call}: descriptor {fd} is {what}, not a pipe")
     return OSError(err, f"{call} on descriptor {fd}: {os.strerror(err)}")
 
 
-def _pipe_direction(fd: int, call: str) -> int:
-    """Return the access mode of ``fd`` (os.O_RDONLY, O_WRONLY or O_RDWR)."""
-    if (type(fd) is not int or fd < 0) and _check_int("fd", fd) < 0:
-        raise OSError(errno.EBADF, f"{call}: descriptor {fd} is not open")
+def _pipe_access(fd: int, call: str, want: int, fifo: bool = False) -> None:
+    """Check that ``fd`` is open for ``want`` (os.O_RDONLY: a read end,
+    os.O_WRONLY: a write end).  Whether it is a pipe at all, vmsplice tells
+    (EBADF); the copy fallback's writev/readv would not, so it asks (``fifo``)."""
     try:
-        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-    except OSError as exc:
-        raise _fd_error(exc.errno or errno.EBADF, fd, call) from None
-    except OverflowError:  # beyond a C int: no such descriptor can be open
-        raise OSError(errno.EBADF, f"{call}: descriptor {fd} is not open") from None
-
-
-def _call_vmsplice(fd: int, iov: Any, count: int, flags: int) -> int:
-    """One vmsplice(2); return the count, or -errno."""
-    n = _vmsplice_fn(fd, iov, count, flags)
-    return n if n >= 0 else -ctypes.get_errno()
+        access = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL) & os.O_ACCMODE
+    except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
+        raise _fd_error(errno.EBADF, fd, call) from None
+    right_end = access == want or (access == os.O_RDWR and want == os.O_WRONLY)  # as vmsplice sees it
+    if right_end and not fifo:
+        return
+    what = _describe_fd(fd)
+    if not what.startswith("a pipe"):
+        raise _fd_error(errno.EBADF, fd, call)
+    if right_end:
+        return
+    end = "write" if want == os.O_WRONLY else "read"
+    raise ValueError(f"{call} needs the {end} end of a pipe; descriptor {fd} is {what}"
+                     + (", so vmsplice would send the buffer" if want == os.O_RDONLY else ""))
 
 
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
     """Make one ``vmsplice(2)`` call over ``buffers``; return the byte count.
 
-    ``fd`` is a pipe end.  On a write end the bytes of ``buffers`` (any
-    bytes-like objects) are queued in the pipe; on a read end the pipe's
-    bytes are copied into ``buffers``, which must then be writable.  Like
-    ``os.writev``/``os.readv`` the count may be short.  ``flags`` is any of
-    the ``SPLICE_F_*`` constants.  EINTR is retried (a signal handler's
-    exception propagates, as with ``os.write``).
+    On a pipe write end the bytes of ``buffers`` are queued; on a read end the
+    pipe's bytes are copied into them.  Like ``os.writev``/``os.readv`` the
+    count may be short.  ``flags``: any ``SPLICE_F_*``.  EINTR is retried.
 
     Safety: on a write end the pipe holds references to the very pages of
-    ``buffers``, not a copy, and this function keeps nothing alive.  Until
-    the reader has taken the data, modifying or freeing those buffers
-    changes or corrupts what it receives.  Use ``gift`` to hand pages over
-    safely, or copy the data into memory you will not touch again.
+    ``buffers``, not a copy, and this function keeps nothing alive.  Until the
+    reader has the data, modifying or freeing them changes or corrupts what it
+    gets.  ``gift`` hands pages over safely.
 
-    Raises ``TypeError`` for a non-int ``fd`` or a buffer of the wrong kind
-    (read-only on a read end, non-contiguous); ``ValueError`` for unknown
-    flag bits or more than ``IOV_MAX`` buffers; ``OSError`` with the
-    kernel's errno otherwise (``BlockingIOError``, ``BrokenPipeError``...,
-    EBADF or EINVAL with a message when ``fd`` is not a pipe, ENOSYS where
-    libc or the kernel lacks ``vmsplice``).
+    Raises:
+        TypeError: ``fd`` is not an int; one buffer instead of a sequence; a
+            buffer not contiguous, or read-only on a read end.
+        ValueError: unknown flag bits, or more than ``IOV_MAX`` buffers.
+        OSError: the kernel's errno; EBADF saying what ``fd`` is when it is not
+            a pipe; ENOSYS without ``vmsplice`` in the C library.
     """
-    mode = _pipe_direction(fd, "vmsplice")
+    _check_int("fd", fd)
     _check_flags(flags, _SPLICE_F_ALL, "vmsplice")
     if isinstance(buffers, (bytes, bytearray, memoryview, mmap.mmap, str)):
         raise TypeError(f"buffers must be a sequence of bytes-like objects, not one "
@@ -428,36 +443,76 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
     buffers = list(buffers)
     if len(buffers) > IOV_MAX:
         raise ValueError(f"{len(buffers)} buffers exceed IOV_MAX ({IOV_MAX})")
+    try:
+        reading = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
+        raise _fd_error(errno.EBADF, fd, "vmsplice") from None
     if _vmsplice_fn is None:
         raise OSError(errno.ENOSYS, "vmsplice is not available in this C library")
-    pins = _Pins(buffers, writable=(mode == os.O_RDONLY), what="buffers[{}]")
+    iovecs: list = []
+    views: list = []  # held until the call returns: nobody can close or resize them meanwhile
     try:
-        iov = b"".join(_pack_iovec(view.buf, view.len) for view in pins.views) or None
+        for i, obj in enumerate(buffers):
+            try:
+                views.append(memoryview(obj))
+                if reading and views[-1].readonly:
+                    raise TypeError("it is read-only")
+                iov = _pack_iovec(_address_of(views[-1]), views[-1].nbytes)
+            except (TypeError, BufferError) as exc:
+                raise TypeError(f"buffers[{i}] must be a {'writable, ' if reading else ''}contiguous "
+                                f"bytes-like object, not {type(obj).__name__} ({exc})") from None
+            iovecs.append(iov)
         while True:
-            n = _call_vmsplice(fd, iov, len(pins.views), flags)
+            n = _vmsplice_fn(fd, b"".join(iovecs) or None, len(iovecs), flags)
             if n >= 0:
                 return n
-            if -n != errno.EINTR:
-                raise _fd_error(-n, fd, "vmsplice")
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise _fd_error(err, fd, "vmsplice")
     finally:
-        pins.release()
+        for view in views:
+            view.release()
 
 
 # ---------------------------------------------------------------------------
 # Gift and move: the protocol of the RFC
+#
+# Signals.  CPython runs a Python signal handler in the main thread, between
+# bytecodes, whichever thread the kernel delivered the signal to; blocking
+# signals in this thread cannot stop it.  A handler that raises between a
+# vmsplice and its discard would leave gifted pages mapped and writable, and
+# between a call and its counting would lose the count.  So each step is one
+# chain of C iterators run by one C call: the system call, its result stored
+# (dict.setdefault passes it on), and for a gift the madvise of the pages it
+# queued; no bytecode runs between them.  The count is kept as one tuple,
+# replaced in one store.  The exception handlers read it without calling
+# anything: from CPython 3.11 the interpreter checks for signals only at calls
+# and backward jumps, so none runs there.  CPython 3.9 and 3.10 check at most
+# bytecodes: a second raising handler can replace the exception before the
+# count is attached (the pages are dropped all the same).  Waiting happens in
+# the calls themselves or in poll(), between steps.  No signal is blocked.
 
 # Cleared for the whole process the first time vmsplice answers ENOSYS or
 # EPERM (gVisor, a seccomp profile): from then on gift and move copy.
-_use_vmsplice = _vmsplice_fn is not None and _sigmask_fn is not None
-_FALLBACK = (-errno.ENOSYS, -errno.EPERM)
-_ONE = (1,)
+_use_vmsplice = _vmsplice_fn is not None
+_REFUSED = (errno.ENOSYS, errno.EPERM)
+_ZERO, _ONE = (0,), (1,)
+_WHOLE_PAGES = (~_PAGE_MASK,)
+_run = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
 
 
-def _wait(fd: int, event: int) -> None:
-    """Sleep until ``fd`` is ready (or hung up); signal handlers may run."""
+with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _page:
+    try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
+        _dontneed_locked = _LINUX and _page.madvise(_MADV_DONTNEED_LOCKED) is None
+    except OSError:
+        _dontneed_locked = False
+
+
+def _wait(fd: int, event: int) -> bool:
+    """Wait until ``fd`` is ready or hung up; signal handlers may run meanwhile."""
     poller = select.poll()
     poller.register(fd, event)
-    poller.poll()
+    return bool(poller.poll())
 
 
 def _queued(fd: int) -> int:
@@ -465,13 +520,34 @@ def _queued(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
-def _require_pipe(fd: int, call: str) -> None:
-    try:
-        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
-    except OSError as exc:
-        raise _fd_error(exc.errno or errno.EBADF, fd, call) from None
-    if not is_pipe:
-        raise _fd_error(errno.EBADF, fd, call)
+def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> bool:
+    """What a failed step means: True to try again (EINTR, or EAGAIN after
+    waiting), False to return the count so far (an error after progress comes
+    on the next call, like write(2)).  Raises when nothing was transferred."""
+    if err == errno.EINTR:
+        return True
+    if done and not (err == errno.EAGAIN and not nonblock):
+        return False
+    if err != errno.EAGAIN:
+        raise _fd_error(err, fd, call)
+    if nonblock:
+        raise BlockingIOError(errno.EAGAIN, f"{call}: pipe {fd} is "
+                                            + ("full" if call == "gift" else "empty"))
+    return _wait(fd, select.POLLOUT if call == "gift" else select.POLLIN)
+
+
+def _is_locked(buf: PageBuffer) -> bool:
+    """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps)."""
+    start, stop, inside = buf._address, buf._address + len(buf), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's "low-high perms ..." line
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low < stop and high > start
+            elif inside and line.startswith("VmFlags:") and " lo" in line:
+                return True
+    return False
 
 
 def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
@@ -479,252 +555,228 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
     """Give the pages ``buf[offset:offset+length]`` to the pipe write end ``fd``.
 
     Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus
-    ``SPLICE_F_NONBLOCK`` and ``SPLICE_F_MORE`` from ``flags``) until every
-    byte is queued, or, with ``SPLICE_F_NONBLOCK``, until the pipe is full.
-    Each gifted page is dropped from this process (``buf.discard``) before
-    this function returns, on every path out, exceptions and signals
-    included: it then reads as zeros, and writing to it never changes what
-    the reader receives.  Pages not gifted keep their contents.
+    ``SPLICE_F_NONBLOCK``/``SPLICE_F_MORE`` from ``flags``) until every byte is
+    queued or a non-blocking pipe is full.  Each page queued is dropped from this
+    process in the same step, locked memory included (Linux 5.18+; refused before
+    queueing on older kernels): it reads as zeros, and writing to it never
+    changes what the reader receives.  Without ``vmsplice`` (ENOSYS, EPERM) the
+    pages are copied with ``writev``, then dropped.  Any exception, a signal
+    handler's included, carries the bytes gifted in ``transferred`` (missing
+    only if the handler ran before anything was sent; see "Signals" above).
 
-    ``offset`` and ``length`` are multiples of ``PAGE_SIZE``; ``length=None``
-    means to the end of ``buf``; ``length=0`` returns 0.
+    Args:
+        fd: the write end of a pipe.
+        buf: a ``PageBuffer`` (not memfd).
+        offset, length: multiples of ``PAGE_SIZE``; ``length=None``: to the end.
 
-    Returns the number of bytes gifted, a multiple of ``PAGE_SIZE``: short
-    only on a full non-blocking pipe, or when an error followed some
-    progress (the error then comes on the next call, like ``write(2)``).
+    Returns:
+        The bytes gifted, whole pages: short only on a full non-blocking pipe,
+        or when an error followed some progress (it comes on the next call).
 
-    Where ``vmsplice`` cannot be used (not Linux, ENOSYS, EPERM) the bytes are
-    written with ``os.write`` and then discarded: the same result, a copy.
-
-    Raises ``TypeError`` if ``buf`` is not a ``PageBuffer`` or an argument is
-    not an int; ``ValueError`` for a closed buffer, a bad range, unknown
-    flags, or a read end; ``BlockingIOError`` if a non-blocking pipe is full
-    before any page is gifted; ``BrokenPipeError`` when no reader is left;
-    ``OSError`` (EBADF, EINVAL) when ``fd`` is not a pipe.  A signal
-    handler's exception (``KeyboardInterrupt``) propagates with the bytes
-    gifted so far in its ``transferred`` attribute.
+    Raises:
+        TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
+        ValueError: a closed or memfd buffer, a bad range or flags, a read end.
+        BlockingIOError: a non-blocking pipe is full before any page.
+        BrokenPipeError: no reader is left.
+        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked
+            memory on a kernel older than 5.18.
     """
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
                         f"{type(buf).__name__}: pages of other objects cannot be dropped safely")
-    start, stop = _page_range(buf, offset, length, aligned=True)
-    if type(flags) is not int or flags & ~_SPLICE_F_ALL:
-        _check_flags(flags, _SPLICE_F_ALL, "gift")
-    return _transfer(True, fd, buf, buf._address, start, stop,
-                     flags | SPLICE_F_GIFT | SPLICE_F_MOVE)
+    start, stop = _page_range(buf, offset, length, True)
+    _check_flags(flags, _SPLICE_F_ALL, "gift")
+    if buf._kind != "private":
+        raise ValueError("gift cannot drop the pages of a memfd PageBuffer from the pipe's view "
+                         "(they are shared): send them with handoff(), or gift a PageBuffer(size)")
+    _pipe_access(fd, "gift", os.O_WRONLY, fifo=not _use_vmsplice)
+    if start == stop:
+        return 0
+    if not _dontneed_locked and _is_locked(buf):
+        raise OSError(errno.EINVAL, "gift: the buffer is locked in memory (mlock, mlockall) and this "
+                                    "kernel cannot drop locked pages (MADV_DONTNEED_LOCKED needs "
+                                    "Linux 5.18): unlock it, or copy with os.write")
+    tally = [(0, {})]  # (bytes gifted, the pending step's result once stored), replaced whole
+    pin = None
+    try:
+        try:
+            pin = memoryview(buf)  # close() must fail while the kernel may use the pages
+            return _gift_steps(fd, buf._address + start, stop - start, flags, tally)
+        except BaseException as exc:  # no call here: from 3.11 no signal handler can run in it
+            done, pending = tally[0]
+            exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
+            pin = None  # releases the buffer: the traceback keeps this frame
+            raise
+    except BaseException as exc:  # 3.9 and 3.10 may run a second raising handler in the first
+        done, pending = tally[0]
+        exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
+        pin = None
+        raise
+
+
+def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
+    """gift's loop: queue ``length`` bytes at ``address`` step by step."""
+    global _use_vmsplice
+    vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
+    nonblock = bool(flags & SPLICE_F_NONBLOCK)
+    flags |= SPLICE_F_GIFT | SPLICE_F_MOVE
+    advice = _MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED
+    out = fd if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
+    try:
+        while tally[0][0] < length:
+            done, pending = tally[0]
+            at = address + done
+            iov = _pack_iovec(at, length - done)
+            if vmsplicing:
+                call = map(_vmsplice_fn, (fd,), (iov,), _ONE, (flags,))
+            else:  # whole pages: pipe_write() takes a page per slot, so a count is whole pages
+                call = map(_writev_fn, (out,), (iov,), _ONE)
+            # One step in C (see "Signals"): the call, its count stored, the whole pages it
+            # queued dropped (after a failure, -1, madvise gets a length that wraps: EINVAL).
+            # any() runs it and tells whether madvise failed.
+            refused = any(map(_madvise_fn, (at,), map(operator.and_, map(
+                pending.setdefault, _ZERO, call), _WHOLE_PAGES), (advice,)))
+            n = pending[0]
+            tally[0] = (done + (n if n > 0 else 0), {})  # one store: counted once, whatever interrupts
+            if n >= 0:
+                if refused and n:  # mlock() after our check, say: replace the pages instead
+                    _zero_pages(at, n & ~_PAGE_MASK)
+                continue
+            err = ctypes.get_errno()
+            if vmsplicing and err in _REFUSED:
+                _use_vmsplice = vmsplicing = False  # for this call and the whole process
+                _pipe_access(fd, "gift", os.O_WRONLY, fifo=True)
+                out = _fallback_end(fd, os.O_WRONLY, nonblock)
+            elif not _after_error(err, fd, "gift", tally[0][0], nonblock):
+                break
+        return tally[0][0]
+    finally:
+        if out != fd:
+            os.close(out)
+
+
+def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
+    """The descriptor the copy fallback writes or reads ``fd``'s pipe through:
+    ``fd``, or a new one on the same pipe (/proc/self/fd reopens it) where the
+    call must not wait (O_NONBLOCK, leaving ``fd``'s own flags alone), or where
+    ``fd`` writes packets (O_DIRECT: read(2) drops what a short read leaves of a
+    packet, fs/pipe.c, while the pages vmsplice queues are a stream)."""
+    packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
+    if not nonblock and not packets:
+        return fd
+    try:
+        return os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0))
+    except OSError:
+        return fd
 
 
 def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
          *, flags: int = 0) -> int:
     """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]``.
 
-    Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``
-    from ``flags``) until ``length`` bytes have arrived or every writer has
-    closed the pipe.  ``buf`` is a ``PageBuffer`` or any writable, contiguous
-    bytes-like object; a page-aligned range of a ``PageBuffer`` is what lets a
-    kernel that moves pages move them.  Mainline Linux copies (see
-    ``probe().move``).  ``length=None`` means to the end of ``buf``.
+    Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until
+    ``length`` bytes arrived or every writer closed the pipe; ``readv`` where
+    ``vmsplice`` cannot be used.  A page-aligned range of a ``PageBuffer`` is what
+    a kernel that moves pages would move; mainline Linux copies.  Any exception
+    carries the bytes received in ``transferred``, as with ``gift``.
 
-    Returns the bytes received: ``length``, or fewer at end of file (0 at
-    end of file with nothing read), or on a non-blocking pipe that ran dry
-    after some bytes, or when an error followed some progress (the error
-    then comes on the next call).
+    Args:
+        fd: the read end of a pipe.
+        buf: a ``PageBuffer`` or any writable, contiguous bytes-like object.
+        offset, length: any byte range of ``buf``; ``length=None``: to the end.
 
-    Where ``vmsplice`` cannot be used it reads with ``os.readv``.
+    Returns:
+        The bytes received: ``length``, or fewer at end of file (0: nothing
+        left), on a non-blocking pipe that ran dry, or when an error followed
+        some progress (it comes on the next call).
 
-    Raises ``TypeError`` for a read-only or non-bytes-like ``buf`` or a
-    non-int argument; ``ValueError`` for a closed buffer, a bad range, flags
-    other than ``SPLICE_F_MOVE | SPLICE_F_NONBLOCK``, or a write end;
-    ``BlockingIOError`` if a non-blocking pipe is empty before any byte;
-    ``OSError`` (EBADF, EINVAL) when ``fd`` is not a pipe.  A signal
-    handler's exception propagates with the bytes received so far in its
-    ``transferred`` attribute.
+    Raises:
+        TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
+        ValueError: a closed buffer, a bad range or flags, a write end.
+        BlockingIOError: a non-blocking pipe is empty before any byte.
+        OSError: EBADF: ``fd`` is not a pipe, or not open.
     """
-    if type(flags) is not int or flags & ~_MOVE_FLAGS:
-        _check_flags(flags, _MOVE_FLAGS, "move")
-    pins = None
-    if isinstance(buf, PageBuffer):
-        start, stop = _page_range(buf, offset, length, aligned=False)
-        address = buf._address
-    else:
-        pins = _Pins([buf], writable=True, what="move's buffer")
+    _check_flags(flags, _MOVE_FLAGS, "move")
+    if isinstance(buf, PageBuffer) and buf.closed:
+        raise ValueError("the PageBuffer is closed")
+    tally = [(0, {})]  # (bytes received, the pending step's result once stored), replaced whole
+    pin = None
+    try:
         try:
-            start, stop = _page_range(pins.views[0].len, offset, length, aligned=False)
-        except BaseException:
-            pins.release()
+            pin = _writable_view(buf)  # close() must fail while the kernel may write there
+            address = buf._address if isinstance(buf, PageBuffer) else _address_of(pin)
+            start, stop = _page_range(pin.nbytes, offset, length, False)
+            _pipe_access(fd, "move", os.O_RDONLY, fifo=not _use_vmsplice)
+            return _move_steps(fd, address + start, stop - start, flags, tally)
+        except BaseException as exc:  # no call here: see gift
+            done, pending = tally[0]
+            exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
+            pin = None  # releases the buffer: the traceback keeps this frame
             raise
-        address = pins.views[0].buf
-    try:
-        return _transfer(False, fd, buf, address, start, stop, flags | SPLICE_F_MOVE)
-    finally:
-        if pins is not None:
-            pins.release()
-
-
-def _transfer(gifting: bool, fd: int, buf: Any, address: int, start: int, stop: int,
-              flags: int) -> int:
-    """Move bytes in non-blocking steps until ``stop``; between steps wait in
-    poll() unless ``flags`` has SPLICE_F_NONBLOCK.
-
-    A signal handler may raise (KeyboardInterrupt) at any point between
-    bytecodes.  So every step's count lands in ``counted`` from C or with
-    signals blocked, and a gift's discard runs with signals blocked too: a
-    handler's exception never separates a vmsplice call from its discard,
-    and the except clause can always tell how much was transferred."""
-    global _use_vmsplice
-    # The direction first, before any vmsplice: on a read end vmsplice would
-    # fill the gift's pages from the pipe; on a write end it would send the
-    # move's buffer.  (Inline, not _pipe_direction(): this is the hot path.)
-    try:
-        mode = _fcntl(fd, _F_GETFL) & _O_ACCMODE if type(fd) is int and fd >= 0 else -1
-    except (OSError, OverflowError):
-        mode = -1
-    if mode < 0:
-        mode = _pipe_direction(fd, "gift" if gifting else "move")  # raises, saying why
-    if gifting and mode == os.O_RDONLY:
-        raise ValueError(f"gift needs the write end of a pipe; descriptor {fd} is a read end")
-    if not gifting and mode != os.O_RDONLY:
-        if mode == os.O_RDWR:
-            _require_pipe(fd, "move")
-        raise ValueError(f"move needs the read end of a pipe; descriptor {fd} is open for "
-                         f"writing, so vmsplice would send the buffer instead")
-    if start == stop:
-        return 0
-    # Gifted pages before ``kept`` are discarded; [kept, end) still await it.
-    # A huge-page buffer is discarded a whole huge page at a time until the
-    # call ends: dropping part of one splits it, and refilling the buffer
-    # would then fault 512 small pages instead of one huge page.
-    kept = end = start
-    unit = _HUGE_PAGE_SIZE if gifting and buf._huge else PAGE_SIZE
-    step_flags = flags | SPLICE_F_NONBLOCK
-    pin = memoryview(buf)  # close() must fail while the kernel may use the pages
-    counted: list = []
-    done = 0
-    try:
-        while True:
-            pos = start + done
-            if _use_vmsplice:
-                iov = _pack_iovec(address + pos, stop - pos)
-                if gifting:
-                    old = _Sigset()  # _block_signals(), inlined: this is the hot path
-                    _sigmask_fn(_SIG_BLOCK, _ALL_SIGNALS_REF, old)
-                    try:
-                        n = _vmsplice_fn(fd, iov, 1, step_flags)
-                        if n > 0:  # iter_to_pipe() queues whole pages of an aligned range
-                            counted.append(n)
-                            end = pos + n
-                            edge = end if end == stop else end - (address + end) % unit
-                            if edge > kept:
-                                buf.madvise(_MADV_DONTNEED, kept, edge - kept)
-                                kept = edge
-                    finally:
-                        _sigmask_fn(_SIG_SETMASK, old, None)
-                else:
-                    # Nothing follows the call but counting, so signals stay
-                    # open (that saves two calls): map() stores the result from
-                    # C, where no handler runs.
-                    counted.extend(map(_vmsplice_fn, (fd,), (iov,), _ONE, (step_flags,)))
-                    n = counted[-1]
-                    if n < 0:
-                        del counted[-1]
-                if n < 0:
-                    n = -ctypes.get_errno()
-                    if n in _FALLBACK:
-                        _use_vmsplice = False
-                        continue
-            else:
-                n = (_gift_copy if gifting else _move_copy)(fd, buf, pin, pos, stop, counted)
-            if n > 0:
-                done += n
-                if start + done >= stop:
-                    break
-            elif n == 0:  # move: end of file, no writer left and nothing queued
-                break
-            elif n == -errno.EAGAIN:
-                if flags & SPLICE_F_NONBLOCK:
-                    if done:
-                        break
-                    raise BlockingIOError(errno.EAGAIN, f"pipe {fd} is " + ("full" if gifting else "empty"))
-                _wait(fd, select.POLLOUT if gifting else select.POLLIN)
-            elif n != -errno.EINTR:
-                if done:
-                    break
-                raise _fd_error(-n, fd, "gift" if gifting else "move")
-    except BaseException as exc:
-        exc.transferred = sum(counted)  # type: ignore[attr-defined]
+    except BaseException as exc:  # 3.9 and 3.10 may run a second raising handler in the first
+        done, pending = tally[0]
+        exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
+        pin = None
         raise
-    finally:
-        # A short count, or an exception while waiting in poll() (huge pages
-        # only: 4 KiB steps leave nothing pending).  From Python 3.11 no
-        # signal handler can run before this madvise(); on 3.9 and 3.10 a
-        # second raising handler in these few bytecodes could still skip it.
-        if end > kept:
-            buf.madvise(_MADV_DONTNEED, kept, end - kept)
-        pin.release()
-    return done
 
 
-# The copy fallback, for where vmsplice is missing or refused.  Each step is
-# non-blocking without touching the descriptor's flags: it asks the pipe
-# how much it can take or give now.
-
-def _gift_copy(fd: int, buf: PageBuffer, pin: memoryview, start: int, stop: int,
-               counted: list) -> int:
-    """Write whole pages that fit now, then discard them; count or -errno."""
-    _require_pipe(fd, "gift")
+def _writable_view(buf: Any) -> memoryview:
+    """``memoryview(buf)`` if it is writable and contiguous, else TypeError."""
     try:
-        capacity = fcntl.fcntl(fd, _F_GETPIPE_SZ)
-    except OSError:
-        capacity = 16 * PAGE_SIZE  # not Linux: the smallest pipe anyone has
-    room = min(stop - start, (capacity - _queued(fd)) // PAGE_SIZE * PAGE_SIZE)
-    if room <= 0:
-        return -errno.EAGAIN
-    old = _block_signals()
-    try:
-        n = os.write(fd, pin[start:start + room])
-        counted.append(n)
-        # A short write leaves a page half sent: keep it until the rest goes.
-        buf._discard(start, start + n // PAGE_SIZE * PAGE_SIZE)
-    except OSError as exc:
-        n = -(exc.errno or errno.EIO)
-    finally:
-        _restore_signals(old)
-    return n
+        view = memoryview(buf)
+    except TypeError as exc:
+        raise TypeError(f"move's buffer must be a writable bytes-like object ({exc})") from None
+    if view.readonly or not view.c_contiguous:
+        problem = "read-only" if view.readonly else "not contiguous"
+        view.release()
+        raise TypeError(f"move's buffer must be writable and contiguous; this {type(buf).__name__} "
+                        f"is {problem}")
+    return view
 
 
-def _move_copy(fd: int, buf: Any, pin: memoryview, start: int, stop: int,
-               counted: list) -> int:
-    """Read what is queued now; the count, 0 at end of file, or -errno."""
-    _require_pipe(fd, "move")
-    queued = _queued(fd)
-    if queued == 0:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        events = poller.poll(0)
-        # POLLHUP with nothing queued: every writer is gone, end of file.
-        return 0 if events and not events[0][1] & select.POLLIN else -errno.EAGAIN
-    flat = pin.cast("B")
-    old = _block_signals()
+def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
+    """move's loop: receive up to ``length`` bytes at ``address`` step by step."""
+    global _use_vmsplice
+    vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
+    nonblock = bool(flags & SPLICE_F_NONBLOCK)
+    flags |= SPLICE_F_MOVE
+    source = fd if vmsplicing else _fallback_end(fd, os.O_RDONLY, nonblock)
     try:
-        n = os.readv(fd, [flat[start:start + min(queued, stop - start)]])
-        counted.append(n)
-    except OSError as exc:
-        n = -(exc.errno or errno.EIO)
+        while tally[0][0] < length:
+            done, pending = tally[0]
+            iov = _pack_iovec(address + done, length - done)
+            if vmsplicing:
+                call = map(_vmsplice_fn, (fd,), (iov,), _ONE, (flags,))
+            else:
+                call = map(_readv_fn, (source,), (iov,), _ONE)
+            _run(map(pending.setdefault, _ZERO, call))  # one step in C: the call, its count stored
+            n = pending[0]
+            tally[0] = (done + (n if n > 0 else 0), {})  # one store: counted once, whatever interrupts
+            if n == 0:
+                break  # end of file: no writer left (or none yet, for a FIFO), nothing queued
+            if n > 0:
+                continue
+            err = ctypes.get_errno()
+            if vmsplicing and err in _REFUSED:
+                _use_vmsplice = vmsplicing = False  # for this call and the whole process
+                _pipe_access(fd, "move", os.O_RDONLY, fifo=True)
+                source = _fallback_end(fd, os.O_RDONLY, nonblock)
+            elif not _after_error(err, fd, "move", tally[0][0], nonblock):
+                break
+        return tally[0][0]
     finally:
-        _restore_signals(old)
-        flat.release()
-    return n
+        if source != fd:
+            os.close(source)
 
 
 def pipe(size: int | None = None) -> tuple[int, int]:
     """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe.
 
-    Its capacity is ``size`` bytes (the kernel rounds up to a power of two
-    pages), or with ``size=None`` the largest the system allows:
-    ``/proc/sys/fs/pipe-max-size``, or less where a per-user limit refuses
-    it.  A bigger pipe means fewer system calls per byte.  Raises
-    ``ValueError`` for a non-positive size, ``OSError`` when the kernel
-    refuses ``size`` (EPERM above pipe-max-size, even as root).
+    ``size``: the capacity in bytes, rounded up by the kernel to a power-of-two
+    number of pages; ``None``: the largest allowed, ``/proc/sys/fs/pipe-max-size``
+    (less where a per-user limit refuses it).  A bigger pipe means fewer calls.
+    ``TypeError``/``ValueError`` for a size that is not an int in (0, 2 GiB);
+    ``OSError`` EPERM above pipe-max-size without CAP_SYS_RESOURCE.
     """
     if size is not None:
         _check_int("size", size)
@@ -751,10 +803,194 @@ def pipe(size: int | None = None) -> tuple[int, int]:
 
 def _pipe_max_size() -> int | None:
     try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
+        return int(_read_setting("/proc/sys/fs/pipe-max-size", ""))
+    except ValueError:
         return None
+
+
+# ---------------------------------------------------------------------------
+# Handoff: the pages themselves, to another process
+#
+# Mainline never moves pages through a pipe, but a memfd passed over a Unix
+# socket (SCM_RIGHTS) lets the receiver map the very same page frames.  The
+# seals make the kernel, not a promise, guarantee that nobody changes or
+# truncates them afterwards: F_SEAL_WRITE is refused while any writable shared
+# mapping exists (mm/memfd.c), which is why the sender unmaps first.
+
+_HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
+_HANDOFF_MAGIC = b"pagemove"
+_MAX_FDS = 253  # SCM_MAX_FD: room for every descriptor a hostile sender can attach
+
+
+def _unix_socket(sock: Any, call: str) -> socket.socket:
+    """``sock`` (a socket, or a descriptor: wrapped, the caller detaches it),
+    checked to be a connected AF_UNIX stream or seqpacket socket."""
+    if isinstance(sock, socket.socket):
+        obj = sock
+    elif isinstance(sock, int) and not isinstance(sock, bool):
+        try:
+            obj = socket.socket(fileno=sock)
+        except (OSError, ValueError, OverflowError) as exc:
+            if getattr(exc, "errno", None) != errno.ENOTSOCK:
+                raise _fd_error(errno.EBADF, sock, call) from None
+            raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket") from None
+    else:
+        raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
+    problem = ""
+    if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
+        problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
+    elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+        problem = "not a stream or seqpacket socket"
+    else:
+        try:
+            obj.getpeername()
+        except OSError:
+            problem = "not connected"
+    if problem:
+        if obj is not sock:
+            obj.detach()
+        raise ValueError(f"{call}: the socket is {problem}")
+    return obj
+
+
+def handoff(sock: Any, buf: PageBuffer) -> int:
+    """Hand the pages of ``buf`` to the process at the other end of ``sock``.
+
+    Unmaps ``buf`` (it is closed afterwards), seals its memfd against shrinking,
+    growing, writing and further sealing, and sends one message: data
+    ``struct.pack("=8sQ", b"pagemove", size)`` with the descriptor in
+    ``SCM_RIGHTS``.  Nothing is copied; on return this process holds neither a
+    mapping nor a descriptor of the pages.  The receiver calls ``takeover``.
+
+    Args:
+        sock: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor.
+        buf: a ``PageBuffer(size, memfd=True)``.
+
+    Returns:
+        ``len(buf)``.
+
+    Raises:
+        TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket.
+        ValueError: ``buf`` is closed or from ``takeover``; ``sock`` is not a
+            connected Unix stream or seqpacket socket.
+        BufferError: a memoryview of ``buf`` is exported.
+        OSError: after the unmap (``BrokenPipeError``: the peer has gone; EBUSY:
+            sealing refused), with the pages, intact, as a ``PageBuffer`` in the
+            exception's ``buffer`` (private copy-on-write once sealed).  The
+            errors above leave ``buf`` as it was.
+    """
+    if not isinstance(buf, PageBuffer) or buf._kind == "private":
+        raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
+                        f"{'a private PageBuffer' if isinstance(buf, PageBuffer) else type(buf).__name__}")
+    if buf.closed:
+        raise ValueError("the PageBuffer is closed")
+    if buf._kind == "sealed":
+        raise ValueError("handoff: these pages are sealed (received by takeover, or kept from a failed "
+                         "handoff): copy them into a new PageBuffer(size, memfd=True) to send them on")
+    obj = _unix_socket(sock, "handoff")
+    try:
+        size, fd = len(buf), buf._fd
+        mmap.mmap.close(buf)  # BufferError while exported: nothing has changed yet
+        buf._fd = -1
+        sealed = False
+        try:
+            fcntl.fcntl(fd, _F_ADD_SEALS, _HANDOFF_SEALS | _F_SEAL_SEAL)
+            sealed = True
+            sent = obj.sendmsg([_HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size)],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
+                               socket.MSG_NOSIGNAL)
+            if sent != _HANDOFF_HEADER.size:
+                raise OSError(errno.EIO, f"handoff: sent {sent} of {_HANDOFF_HEADER.size} bytes")
+        except BaseException as exc:
+            rescued = PageBuffer._map(fd, size, "sealed" if sealed else "memfd")
+            rescued._fd = fd
+            exc.buffer = rescued  # type: ignore[attr-defined]
+            raise
+        os.close(fd)
+        return size
+    finally:
+        if obj is not sock:
+            obj.detach()
+
+
+def takeover(sock: Any) -> PageBuffer:
+    """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``.
+
+    The sender's very frames, mapped private copy-on-write: reading shares them,
+    writing a page copies that page only.  ``.memfd`` is true; the buffer cannot
+    be gifted or handed off again.  Checked before anything is mapped: one
+    descriptor, a memfd sealed at least against shrinking, growing and writing,
+    of the announced size; on any refusal every descriptor received is closed.
+
+    Raises:
+        EOFError: the peer closed the socket without a handoff.
+        PermissionError: a seal is missing: the sender could still change or
+            truncate the pages (SIGBUS in the reader).
+        ValueError: a malformed handoff (size, magic, not a memfd, zero or
+            several descriptors); ``sock`` is not a connected Unix socket.
+        TypeError: ``sock`` is neither a socket nor an int.
+    """
+    obj = _unix_socket(sock, "takeover")
+    messages: list = []  # stored by list.extend from C: no descriptor escapes a signal
+    try:
+        data, packets = b"", obj.type == socket.SOCK_SEQPACKET
+        while len(data) < _HANDOFF_HEADER.size:  # a packet one byte longer tells of a long one
+            want = _HANDOFF_HEADER.size - len(data) + packets
+            messages.extend(map(obj.recvmsg, (want,), (socket.CMSG_SPACE(_MAX_FDS * 4),),
+                                (getattr(socket, "MSG_CMSG_CLOEXEC", 0),)))
+            chunk, _, msg_flags, _ = messages[-1]
+            if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise ValueError("takeover: a malformed handoff (truncated message or descriptors)")
+            if not chunk:
+                break
+            data += chunk
+            if packets:
+                break  # one message, whole
+        fds = _received_fds(messages)
+        if not data and not fds:
+            raise EOFError("takeover: the peer closed the socket without a handoff")
+        if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):
+            raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
+        size = _HANDOFF_HEADER.unpack(data)[1]
+        if len(fds) != 1:
+            raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(fds)}")
+        return _adopt_memfd(fds[0], size)
+    finally:
+        for fd in _received_fds(messages):
+            os.close(fd)
+        if obj is not sock:
+            obj.detach()
+
+
+def _received_fds(messages: list) -> list:
+    fds: list = []
+    for _, ancdata, _, _ in messages:
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
+    return fds
+
+
+def _adopt_memfd(fd: int, size: int) -> PageBuffer:
+    """Check a received descriptor and map it private (the caller closes ``fd``)."""
+    try:
+        is_memfd = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+        seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError:
+        is_memfd = False
+    if not is_memfd:
+        raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
+    missing = _HANDOFF_SEALS & ~seals
+    if missing:
+        names = [name for bit, name in ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW"),
+                                        (_F_SEAL_WRITE, "F_SEAL_WRITE")) if missing & bit]
+        raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
+                                           f"could still change or truncate the pages")
+    actual = os.fstat(fd).st_size
+    if size != actual or size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {actual} "
+                         f"(both must agree, a positive multiple of {PAGE_SIZE})")
+    return PageBuffer._map(fd, size, "sealed")  # mmap keeps its own duplicate of fd
 
 
 # ---------------------------------------------------------------------------
@@ -763,36 +999,38 @@ def _pipe_max_size() -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class Support:
-    """What the running kernel does, as ``probe()`` observed it."""
+    """What the running kernel does, as ``probe()`` observed it.
+
+    Attributes:
+        vmsplice: the call works here (else gift and move copy).
+        zero_copy_gift: queued pages are the writer's own (the kernel took
+            references, no copy); None: not checked.
+        move: the reader received the very page gifted (True), a copy (False),
+            or could not tell (None: page frame numbers hidden).
+        handoff: a sealed memfd handed over a Unix socket works here (True), does
+            not (False, see ``reason``), or could not be tried (None).
+        huge_pages: transparent huge pages: always, madvise, never or unavailable.
+        pipe_max_size: /proc/sys/fs/pipe-max-size, or None where unreadable.
+        kernel: the kernel release string.
+        reason: one plain sentence per finding, with the errno where a call failed.
+    """
 
     vmsplice: bool
-    """The call works here."""
     zero_copy_gift: bool | None
-    """Queued pages are the writer's own (referenced, not copied); None: not checked."""
     move: bool | None
-    """The reader got the very page gifted (True), a copy (False), or could not tell (None)."""
+    handoff: bool | None
     huge_pages: str
-    """Transparent huge pages: always, madvise, never or unavailable."""
     pipe_max_size: int | None
-    """/proc/sys/fs/pipe-max-size, or None where unreadable."""
     kernel: str
-    """The kernel release string."""
     reason: str
-    """One plain sentence per finding."""
 
     def __str__(self) -> str:
-        def word(value: bool | None) -> str:
-            return {True: "yes", False: "no", None: "unknown"}[value]
-        return "\n".join([
-            f"kernel          {self.kernel}",
-            f"vmsplice        {word(self.vmsplice)}",
-            f"zero-copy gift  {word(self.zero_copy_gift)}",
-            f"page move       {word(self.move)}",
-            f"huge pages      {self.huge_pages}",
-            f"pipe-max-size   {self.pipe_max_size if self.pipe_max_size else 'unknown'}",
-            "",
-            self.reason,
-        ])
+        word = {True: "yes", False: "no", None: "unknown"}
+        rows = [("kernel", self.kernel), ("vmsplice", word[self.vmsplice]),
+                ("zero-copy gift", word[self.zero_copy_gift]), ("page move", word[self.move]),
+                ("handoff", word[self.handoff]), ("huge pages", self.huge_pages),
+                ("pipe-max-size", self.pipe_max_size or "unknown")]
+        return "\n".join([f"{name:<15} {value}" for name, value in rows] + ["", self.reason])
 
 
 _probe_lock = threading.Lock()
@@ -800,15 +1038,15 @@ _probe_cache: Support | None = None
 
 
 def probe(refresh: bool = False) -> Support:
-    """Observe what this kernel does with vmsplice; return a ``Support``.
+    """Observe what this kernel does; return a ``Support`` (cached;
+    ``refresh=True`` measures again).
 
-    It queues a page of its own and changes it (zero-copy gift), gifts a page
-    and compares page frame numbers in ``/proc/self/pagemap`` before and after
-    the reader takes it (move; those are hidden without CAP_SYS_ADMIN), and
-    reads the THP mode, pipe-max-size and kernel release.  It never infers
-    from a version number and leaves no descriptor or mapping behind.  The
-    result is cached; ``refresh=True`` measures again.  It raises nothing
-    for what the system lacks: that is what ``reason`` is for.
+    It queues a page and changes it (zero-copy gift), compares page frame numbers
+    in ``/proc/self/pagemap`` across a gift and move (move; hidden without
+    CAP_SYS_ADMIN), hands a memfd page to itself over a socket pair (handoff), and
+    reads the THP mode, pipe-max-size and kernel release.  It never infers from a
+    version number, leaves nothing behind, and raises nothing for what the
+    system lacks: that is what ``reason`` is for.
     """
     global _probe_cache
     with _probe_lock:
@@ -818,85 +1056,96 @@ def probe(refresh: bool = False) -> Support:
 
 
 def _observe() -> Support:
-    notes = []
-    works, zero_copy, moved = False, None, None
-    if _vmsplice_fn is None:
-        notes.append("The C library has no vmsplice function, so gift and move copy.")
-    else:
-        works, zero_copy, moved = _observe_calls(notes)
-    mode = "unavailable"
-    try:
-        with open(_THP + "enabled") as f:
-            text = f.read()
-        mode = text[text.index("[") + 1:text.index("]")]
-        notes.append(f"Transparent huge pages are in mode {mode!r}.")
-    except (OSError, ValueError):
-        notes.append("Transparent huge pages are unavailable.")
+    notes: list = []
+    works, zero_copy, moved = _observe_vmsplice(notes)
+    handed = _observe_handoff(notes)
+    mode = _thp_mode("enabled")
+    notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
+                 else "Transparent huge pages are unavailable.")
     max_size = _pipe_max_size()
     if max_size:
         notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
-    return Support(works, zero_copy, moved, mode, max_size, os.uname().release, " ".join(notes))
+    return Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
 
 
-def _observe_calls(notes: list) -> tuple[bool, bool | None, bool | None]:
-    r, w = os.pipe()
-    src = PageBuffer(PAGE_SIZE)
-    dst = PageBuffer(PAGE_SIZE)
+def _frame(buf: PageBuffer, offset: int = 0) -> int:
+    """The page frame number behind ``buf[offset]`` (0: hidden, or not resident)."""
     try:
-        src[:8] = b"original"
-        n = _call_vmsplice(w, _pack_iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK)
-        if n < 0:
-            err = errno.errorcode.get(-n, str(-n))
-            why = {errno.ENOSYS: "the kernel or a sandbox does not implement it",
-                   errno.EPERM: "a security policy (seccomp) refuses it"}.get(-n, os.strerror(-n))
-            notes.append(f"vmsplice fails with {err}: {why}; gift and move copy.")
-            return False, None, None
-        notes.append("vmsplice works.")
-        src[:8] = b"changed!"  # the page is queued and not discarded: does the pipe see it?
-        zero_copy = os.read(r, 8) == b"changed!"
-        notes.append("Queued pages are the writer's own: a write after vmsplice changed the "
-                     "queued data, so gift must discard them." if zero_copy else
-                     "vmsplice copied the pages when it queued them.")
-        os.read(r, PAGE_SIZE)
-        return True, zero_copy, _observe_move(r, w, src, dst, notes)
-    finally:
-        src.close()
-        dst.close()
-        os.close(r)
-        os.close(w)
-
-
-def _frame(buf: PageBuffer) -> int:
-    """The page frame number behind the first page of ``buf`` (0: hidden)."""
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(buf._address // PAGE_SIZE * 8)
-        entry = struct.unpack("<Q", f.read(8))[0]
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((buf._address + offset) // PAGE_SIZE * 8)
+            entry = struct.unpack("<Q", f.read(8))[0]
+    except OSError:
+        return 0
     return entry & ((1 << 55) - 1) if entry >> 63 else 0
 
 
-def _observe_move(r: int, w: int, src: PageBuffer, dst: PageBuffer, notes: list) -> bool | None:
-    src[:8] = b"gifted.."
-    dst[:8] = b"resident"  # fault the destination in: a move must replace its frame
+def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
+    if _vmsplice_fn is None:
+        notes.append("The C library has no vmsplice function, so gift and move copy.")
+        return False, None, None
+    r, w = os.pipe()
     try:
-        gifted, before = _frame(src), _frame(dst)
-    except OSError as exc:
-        notes.append(f"Page moves could not be checked: /proc/self/pagemap is unreadable ({exc.strerror}).")
-        return None
-    if not gifted or not before:
-        notes.append("Page moves could not be checked: page frame numbers are hidden "
-                     "without CAP_SYS_ADMIN.")
-        return None
-    if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
-        notes.append("Page moves could not be checked: the gifted page did not arrive.")
-        return None
-    after = _frame(dst)
+        with PageBuffer(PAGE_SIZE) as src, PageBuffer(PAGE_SIZE) as dst:
+            src[:8] = b"original"
+            if _vmsplice_fn(w, _pack_iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK) < 0:
+                err = ctypes.get_errno()
+                why = {errno.ENOSYS: "the kernel or a sandbox does not implement it",
+                       errno.EPERM: "a security policy (seccomp) refuses it"}.get(err, os.strerror(err))
+                notes.append(f"vmsplice fails with {errno.errorcode.get(err, err)}: {why}; "
+                             f"gift and move copy.")
+                return False, None, None
+            src[:8] = b"changed!"  # queued and not dropped: does the pipe see the change?
+            zero_copy = os.read(r, PAGE_SIZE) == b"changed!" + bytes(PAGE_SIZE - 8)
+            notes.append("vmsplice works. " + ("Queued pages are the writer's own: a write after "
+                         "vmsplice changed the queued data, so gift must drop them." if zero_copy
+                         else "vmsplice copied the pages when it queued them."))
+            src[:8] = b"gifted.."
+            dst[:8] = b"resident"  # fault the destination in: a move must replace its frame
+            gifted, before = _frame(src), _frame(dst)
+            if not gifted or not before:
+                notes.append("Page moves could not be checked: page frame numbers are hidden "
+                             "without CAP_SYS_ADMIN.")
+                return True, zero_copy, None
+            if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
+                notes.append("Page moves could not be checked: the gifted page did not arrive.")
+                return True, zero_copy, None
+            after = _frame(dst)
+    finally:
+        os.close(r)
+        os.close(w)
     if after == gifted:
         notes.append("The reader received the gifted page itself: vmsplice moves pages here.")
-        return True
+        return True, zero_copy, True
     kept = "kept its frame" if after == before else f"got frame {after:#x}"
     notes.append(f"The reader got a copy: the destination page {kept}, and the gifted frame {gifted:#x} "
                  "never appeared there (vmsplice copies into user memory, as mainline Linux does).")
-    return False
+    return True, zero_copy, False
+
+
+def _observe_handoff(notes: list) -> bool | None:
+    if not hasattr(os, "memfd_create"):
+        notes.append("Handoff could not be tried: this system has no memfd.")
+        return None
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with sender, receiver, PageBuffer(PAGE_SIZE, memfd=True) as src:
+            src[:8] = b"handoff!"
+            sent_frame = _frame(src)
+            handoff(sender, src)
+            with takeover(receiver) as got:
+                same, got_frame = got[:8] == b"handoff!", _frame(got)
+    except OSError as exc:
+        notes.append(f"Handoff fails with {errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc}.")
+        return False
+    if not same:
+        notes.append("Handoff failed: the page arrived changed.")
+    elif not sent_frame or not got_frame:
+        notes.append("Handoff works (a sealed memfd over a Unix socket); frame numbers are hidden, "
+                     "so whether the receiver saw the very same frame could not be checked.")
+    else:
+        notes.append(f"Handoff works: the receiver mapped {'the very same' if sent_frame == got_frame else 'another'} "
+                     f"frame ({got_frame:#x}; the sender's was {sent_frame:#x}).")
+    return same
 
 
 # ===========================================================================
@@ -904,6 +1153,7 @@ def _observe_move(r: int, w: int, src: PageBuffer, dst: PageBuffer, notes: list)
 # Nothing above this line depends on anything below it.
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
