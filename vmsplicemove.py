@@ -1,19 +1,15 @@
 """Move memory pages between processes with Linux vmsplice(2), or hand them over whole.
 
-The protocol comes from the 2013 "vmsplice: Add limited zero copy" RFC:
-
-* the writer *gifts* pages of page-aligned private memory to a pipe with
-  ``SPLICE_F_GIFT | SPLICE_F_MOVE`` and never touches them again;
-* the reader asks for them with ``SPLICE_F_MOVE`` into page-aligned memory;
-* where a move is not possible, the kernel copies.
-
-Mainline Linux never merged the move: ``vmsplice`` into user memory copies and
-ignores ``SPLICE_F_MOVE``.  What is real everywhere is the writer's half:
-``vmsplice`` into a pipe queues references to the writer's own pages, flag or
-no flag, so the one copy left is the reader's.  That is also its danger: a
-later write to the buffer changes data already queued.  ``gift`` therefore
-drops the queued pages from the writer (``MADV_DONTNEED``) before it returns,
-so the writer reads zeros there and the reader gets the original.
+The protocol of the 2013 "vmsplice: Add limited zero copy" RFC: the writer
+*gifts* pages of page-aligned private memory to a pipe with ``SPLICE_F_GIFT |
+SPLICE_F_MOVE`` and never touches them again; the reader asks for them with
+``SPLICE_F_MOVE`` into page-aligned memory; where a move is not possible, the
+kernel copies.  Mainline Linux never merged the move: ``vmsplice`` into user
+memory copies.  What is real is the writer's half: ``vmsplice`` into a pipe
+queues references to the writer's own pages, flag or no flag.  That is also its
+danger: a later write to the buffer changes data already queued.  ``gift``
+therefore drops the queued pages from the writer (``MADV_DONTNEED``), so the
+writer reads zeros there and the reader gets the original.
 
     >>> import os, vmsplicemove as vm
     >>> r, w = vm.pipe()
@@ -26,23 +22,21 @@ so the writer reads zeros there and the reader gets the original.
     >>> os.close(r), os.close(w)
     (None, None)
 
-The pages themselves can change hands too: ``handoff`` sends a sealed memfd
-over a Unix socket and ``takeover`` maps the very same page frames in the
-receiver.  ``probe()`` tells what the running kernel really does.  Where
-``vmsplice`` cannot be used (not Linux, or a sandbox answers ENOSYS or EPERM)
-``gift`` and ``move`` copy with ``writev`` and ``readv`` and keep the same
-results.  Standard library only; CPython 3.9 or later.
+``handoff`` and ``takeover`` move the pages themselves: a sealed memfd over a
+Unix socket.  ``probe()`` tells what the running kernel really does.  Where
+``vmsplice`` is refused (ENOSYS, EPERM), ``gift`` and ``move`` copy instead.
+Standard library only; CPython 3.9 or later.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import errno
 import fcntl
-import itertools
 import mmap
 import operator
 import os
@@ -56,8 +50,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-if sys.version_info < (3, 9):  # 3.7 lacks mmap.madvise: a gift would queue pages it cannot drop
-    raise ImportError("vmsplicemove needs Python 3.9 or later, not %d.%d" % sys.version_info[:2])
+if sys.version_info < (3, 9):  # noqa: UP036  # 3.7 lacks mmap.madvise: a gift would queue pages it cannot drop
+    raise ImportError("vmsplicemove needs Python 3.9 or later, not {}.{}".format(*sys.version_info[:2]))
 
 __all__ = [
     "IOV_MAX", "PAGE_SIZE", "SPLICE_F_GIFT", "SPLICE_F_MORE", "SPLICE_F_MOVE", "SPLICE_F_NONBLOCK",
@@ -125,7 +119,7 @@ _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int,
 # vmsplice, it must not overwrite the errno that ctypes saved for vmsplice.
 _madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size, _c_int)
 if not _LINUX:  # MADV_DONTNEED is only advice there: zeros make the same result
-    def _madvise_fn(address: int, length: int, advice: int) -> int:  # type: ignore[misc]  # noqa: F811
+    def _madvise_fn(address: int, length: int, advice: int) -> int:
         ctypes.memset(address, 0, length)
         return 0
 
@@ -141,7 +135,8 @@ class _PyBuffer(ctypes.Structure):  # Py_buffer: the buffer protocol's view of a
 
 
 _pythonapi = ctypes.PyDLL(None)  # our own handle: ctypes.pythonapi's argtypes are everyone's
-_GetBuffer = _bind(_pythonapi, "PyObject_GetBuffer", _c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), _c_int)
+_GetBuffer = _bind(_pythonapi, "PyObject_GetBuffer", _c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer),
+                   _c_int)
 _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyBuffer))
 
 
@@ -182,7 +177,12 @@ def _check_int(name: str, value: Any) -> int:
     return value
 
 
-class PageBuffer(mmap.mmap):
+class _OwnHelp(type):
+    def __dir__(cls) -> list:  # help() lists PageBuffer's own; its docstring names mmap's it keeps
+        return sorted(vars(cls))
+
+
+class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     """Page-aligned memory for ``gift`` and ``handoff``: an ``mmap.mmap``.
 
     ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded
@@ -208,7 +208,7 @@ class PageBuffer(mmap.mmap):
         OSError: the system refuses the memory, or memfd (not Linux, seccomp).
     """
 
-    __slots__ = ("_address", "_huge", "_fd", "_kind")
+    __slots__ = ("_address", "_fd", "_huge", "_kind")
     _address: int
     _huge: bool
     _fd: int  # the memfd of a memfd=True buffer, else -1
@@ -238,10 +238,8 @@ class PageBuffer(mmap.mmap):
             self.madvise(_MADV_DONTFORK)  # a child's writable mapping would block F_SEAL_WRITE
         self._huge = bool(huge)
         if huge:
-            try:
+            with contextlib.suppress(OSError):  # THP not built in: plain pages, silently
                 self.madvise(_MADV_HUGEPAGE)
-            except OSError:  # THP not built in: plain pages, silently
-                pass
         return self
 
     def __init__(self, size: int, *, huge: bool | None = None, memfd: bool = False) -> None:
@@ -311,13 +309,11 @@ class PageBuffer(mmap.mmap):
 
 
 def _new_memfd(size: int) -> int:
-    if not hasattr(os, "memfd_create"):
-        raise OSError(errno.ENOSYS, "memfd buffers need Linux (os.memfd_create)")
     try:
         fd = os.memfd_create("vmsplicemove", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as exc:
-        raise OSError(exc.errno, f"memfd_create failed: {exc.strerror}; a sandbox (seccomp) "
-                                 f"may refuse it, and then handoff is not possible") from None
+    except (OSError, AttributeError) as exc:  # AttributeError: not Linux
+        raise OSError(getattr(exc, "errno", None) or errno.ENOSYS, f"memfd_create failed ({exc}): "
+                      f"not Linux, or a sandbox (seccomp) refuses it; handoff is not possible") from None
     try:
         os.ftruncate(fd, size)
     except BaseException:
@@ -350,7 +346,8 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
         raise ValueError(f"offset and length must not be negative (offset={offset}, length={length})")
     stop = size if length is None else offset + length
     if offset > stop or stop > size:
-        raise ValueError(f"range [{offset}, {max(offset, stop)}) is past the end of the buffer ({size} bytes)")
+        raise ValueError(f"range [{offset}, {max(offset, stop)}) is past the end of the buffer "
+                         f"({size} bytes)")
     if aligned and (offset | stop) & _PAGE_MASK:  # size is whole pages: stop tells of length
         raise ValueError(f"offset and length must be multiples of the page size {PAGE_SIZE} "
                          f"(offset={offset}, length={length})")
@@ -371,16 +368,13 @@ def _describe_fd(fd: int) -> str:
     open for reading and writing", "a regular file", "a socket", "a directory",
     "a character device", "a block device", "not open" or "not a pipe"."""
     try:
-        mode = os.fstat(fd).st_mode
-        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        mode, access = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError):
         return "not open"
-    if stat.S_ISFIFO(mode):
-        return {os.O_RDONLY: "a pipe read end", os.O_WRONLY: "a pipe write end"}.get(
-            access, "a pipe open for reading and writing")
-    kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device")]
+    pipe_end = ("a pipe read end", "a pipe write end", "a pipe open for reading and writing")[min(access, 2)]
+    kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, pipe_end)]
     return next((name for test, name in kinds if test(mode)), "not a pipe")
 
 
@@ -449,21 +443,19 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
         raise _fd_error(errno.EBADF, fd, "vmsplice") from None
     if _vmsplice_fn is None:
         raise OSError(errno.ENOSYS, "vmsplice is not available in this C library")
-    iovecs: list = []
-    views: list = []  # held until the call returns: nobody can close or resize them meanwhile
+    iov, views = b"", []  # views: held until the call returns, so nobody closes or resizes them
     try:
         for i, obj in enumerate(buffers):
             try:
                 views.append(memoryview(obj))
                 if reading and views[-1].readonly:
                     raise TypeError("it is read-only")
-                iov = _pack_iovec(_address_of(views[-1]), views[-1].nbytes)
+                iov += _pack_iovec(_address_of(views[-1]), views[-1].nbytes)
             except (TypeError, BufferError) as exc:
                 raise TypeError(f"buffers[{i}] must be a {'writable, ' if reading else ''}contiguous "
                                 f"bytes-like object, not {type(obj).__name__} ({exc})") from None
-            iovecs.append(iov)
         while True:
-            n = _vmsplice_fn(fd, b"".join(iovecs) or None, len(iovecs), flags)
+            n = _vmsplice_fn(fd, iov or None, len(views), flags)
             if n >= 0:
                 return n
             err = ctypes.get_errno()
@@ -498,12 +490,13 @@ _use_vmsplice = _vmsplice_fn is not None
 _REFUSED = (errno.ENOSYS, errno.EPERM)
 _ZERO, _ONE = (0,), (1,)
 _WHOLE_PAGES = (~_PAGE_MASK,)
-_run = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
+_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
 
 
 with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _page:
     try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
-        _dontneed_locked = _LINUX and _page.madvise(_MADV_DONTNEED_LOCKED) is None
+        _page.madvise(_MADV_DONTNEED_LOCKED)
+        _dontneed_locked = _LINUX
     except OSError:
         _dontneed_locked = False
 
@@ -556,13 +549,12 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
 
     Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus
     ``SPLICE_F_NONBLOCK``/``SPLICE_F_MORE`` from ``flags``) until every byte is
-    queued or a non-blocking pipe is full.  Each page queued is dropped from this
-    process in the same step, locked memory included (Linux 5.18+; refused before
-    queueing on older kernels): it reads as zeros, and writing to it never
-    changes what the reader receives.  Without ``vmsplice`` (ENOSYS, EPERM) the
-    pages are copied with ``writev``, then dropped.  Any exception, a signal
-    handler's included, carries the bytes gifted in ``transferred`` (missing
-    only if the handler ran before anything was sent; see "Signals" above).
+    queued or a non-blocking pipe is full, dropping each page queued from this
+    process in the same step (see "Signals" above), locked memory included: it
+    reads as zeros, and writing to it never changes what the reader receives.
+    Where ``vmsplice`` is refused it copies with ``writev``, then drops.  Any
+    exception carries the bytes gifted in ``transferred`` (missing only if a
+    signal handler raised before anything was sent).
 
     Args:
         fd: the write end of a pipe.
@@ -578,8 +570,8 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
         ValueError: a closed or memfd buffer, a bad range or flags, a read end.
         BlockingIOError: a non-blocking pipe is full before any page.
         BrokenPipeError: no reader is left.
-        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked
-            memory on a kernel older than 5.18.
+        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked memory
+            on a kernel older than 5.18 (MADV_DONTNEED_LOCKED).
     """
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
@@ -596,13 +588,20 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
         raise OSError(errno.EINVAL, "gift: the buffer is locked in memory (mlock, mlockall) and this "
                                     "kernel cannot drop locked pages (MADV_DONTNEED_LOCKED needs "
                                     "Linux 5.18): unlock it, or copy with os.write")
-    tally = [(0, {})]  # (bytes gifted, the pending step's result once stored), replaced whole
-    pin = None
+    return _counted(_gift_steps, fd, buf, start, stop - start, flags)
+
+
+def _counted(steps: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
+    """Run gift's or move's loop on ``buf[start:start+length]``, the buffer held exported (so that
+    nobody can close it meanwhile); any exception leaving it carries the bytes moved in
+    ``transferred``.  Nothing in the handlers calls anything (see "Signals")."""
+    tally: list = [(0, {})]  # (bytes so far, the running step's result once stored), replaced whole
     try:
         try:
-            pin = memoryview(buf)  # close() must fail while the kernel may use the pages
-            return _gift_steps(fd, buf._address + start, stop - start, flags, tally)
-        except BaseException as exc:  # no call here: from 3.11 no signal handler can run in it
+            pin = memoryview(buf)
+            address = buf._address if isinstance(buf, PageBuffer) else _address_of(pin)
+            return steps(fd, address + start, length, flags, tally)
+        except BaseException as exc:
             done, pending = tally[0]
             exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
             pin = None  # releases the buffer: the traceback keeps this frame
@@ -676,8 +675,8 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
 
     Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until
     ``length`` bytes arrived or every writer closed the pipe; ``readv`` where
-    ``vmsplice`` cannot be used.  A page-aligned range of a ``PageBuffer`` is what
-    a kernel that moves pages would move; mainline Linux copies.  Any exception
+    ``vmsplice`` is refused.  A page-aligned range of a ``PageBuffer`` is what a
+    kernel that moves pages would move; mainline Linux copies.  Any exception
     carries the bytes received in ``transferred``, as with ``gift``.
 
     Args:
@@ -687,7 +686,7 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
 
     Returns:
         The bytes received: ``length``, or fewer at end of file (0: nothing
-        left), on a non-blocking pipe that ran dry, or when an error followed
+        left), from a non-blocking pipe that ran dry, or when an error followed
         some progress (it comes on the next call).
 
     Raises:
@@ -697,41 +696,23 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
         OSError: EBADF: ``fd`` is not a pipe, or not open.
     """
     _check_flags(flags, _MOVE_FLAGS, "move")
-    if isinstance(buf, PageBuffer) and buf.closed:
-        raise ValueError("the PageBuffer is closed")
-    tally = [(0, {})]  # (bytes received, the pending step's result once stored), replaced whole
-    pin = None
-    try:
-        try:
-            pin = _writable_view(buf)  # close() must fail while the kernel may write there
-            address = buf._address if isinstance(buf, PageBuffer) else _address_of(pin)
-            start, stop = _page_range(pin.nbytes, offset, length, False)
-            _pipe_access(fd, "move", os.O_RDONLY, fifo=not _use_vmsplice)
-            return _move_steps(fd, address + start, stop - start, flags, tally)
-        except BaseException as exc:  # no call here: see gift
-            done, pending = tally[0]
-            exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
-            pin = None  # releases the buffer: the traceback keeps this frame
-            raise
-    except BaseException as exc:  # 3.9 and 3.10 may run a second raising handler in the first
-        done, pending = tally[0]
-        exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
-        pin = None
-        raise
+    size = buf if isinstance(buf, PageBuffer) else _writable_size(buf)  # a PageBuffer: checked open
+    start, stop = _page_range(size, offset, length, False)
+    _pipe_access(fd, "move", os.O_RDONLY, fifo=not _use_vmsplice)
+    return _counted(_move_steps, fd, buf, start, stop - start, flags)
 
 
-def _writable_view(buf: Any) -> memoryview:
-    """``memoryview(buf)`` if it is writable and contiguous, else TypeError."""
+def _writable_size(buf: Any) -> int:
+    """The size of ``buf`` if it is a writable, contiguous bytes-like object, else TypeError."""
     try:
         view = memoryview(buf)
     except TypeError as exc:
         raise TypeError(f"move's buffer must be a writable bytes-like object ({exc})") from None
-    if view.readonly or not view.c_contiguous:
-        problem = "read-only" if view.readonly else "not contiguous"
-        view.release()
-        raise TypeError(f"move's buffer must be writable and contiguous; this {type(buf).__name__} "
-                        f"is {problem}")
-    return view
+    with view:
+        if view.readonly or not view.c_contiguous:
+            raise TypeError(f"move's buffer must be writable and contiguous; this {type(buf).__name__} "
+                            f"is {'read-only' if view.readonly else 'not contiguous'}")
+        return view.nbytes
 
 
 def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
@@ -770,13 +751,11 @@ def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
 
 
 def pipe(size: int | None = None) -> tuple[int, int]:
-    """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe.
-
-    ``size``: the capacity in bytes, rounded up by the kernel to a power-of-two
-    number of pages; ``None``: the largest allowed, ``/proc/sys/fs/pipe-max-size``
-    (less where a per-user limit refuses it).  A bigger pipe means fewer calls.
-    ``TypeError``/``ValueError`` for a size that is not an int in (0, 2 GiB);
-    ``OSError`` EPERM above pipe-max-size without CAP_SYS_RESOURCE.
+    """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size``
+    bytes (rounded up to a power-of-two number of pages), or with ``None`` the
+    largest allowed (``/proc/sys/fs/pipe-max-size``, less where a per-user limit
+    refuses it).  ``ValueError`` outside (0, 2 GiB); ``OSError`` EPERM above
+    pipe-max-size without CAP_SYS_RESOURCE.
     """
     if size is not None:
         _check_int("size", size)
@@ -833,7 +812,8 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
         except (OSError, ValueError, OverflowError) as exc:
             if getattr(exc, "errno", None) != errno.ENOTSOCK:
                 raise _fd_error(errno.EBADF, sock, call) from None
-            raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket") from None
+            raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket") \
+                from None
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
     problem = ""
@@ -1143,623 +1123,246 @@ def _observe_handoff(notes: list) -> bool | None:
         notes.append("Handoff works (a sealed memfd over a Unix socket); frame numbers are hidden, "
                      "so whether the receiver saw the very same frame could not be checked.")
     else:
-        notes.append(f"Handoff works: the receiver mapped {'the very same' if sent_frame == got_frame else 'another'} "
-                     f"frame ({got_frame:#x}; the sender's was {sent_frame:#x}).")
+        same_frame = "the very same" if sent_frame == got_frame else "another"
+        notes.append(f"Handoff works: the receiver mapped {same_frame} frame ({got_frame:#x}; the sender's "
+                     f"was {sent_frame:#x}).")
     return same
 
 
 # ===========================================================================
-# The command line: python3 -m vmsplicemove probe | demo | bench
+# The command line: python3 -m vmsplicemove probe | demo
 # Nothing above this line depends on anything below it.
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 import time  # noqa: E402
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def _parse_size(text: str) -> int:
-    """'256M', '1GiB', '4096' -> bytes (binary units)."""
+    """'256M', '1GiB', '1.5G', '4096' -> bytes (binary units) rounded up to whole
+    pages; ``argparse.ArgumentTypeError`` for anything else, inf and nan included."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     s = text.strip().upper().replace("IB", "").rstrip("B")
-    unit = s[-1:] if s[-1:] in _UNITS else ""
-    try:
-        value = int(float(s[:len(s) - len(unit)]) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M or 1G)") from None
-    if value < PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is below one page ({PAGE_SIZE} bytes)")
-    return -(-value // PAGE_SIZE) * PAGE_SIZE
+    unit = s[-1:] if s[-1:] in units else ""
+    with contextlib.suppress(ValueError, OverflowError):  # int(): OverflowError for inf
+        value = float(s[:len(s) - len(unit)]) * units[unit]
+        if value >= PAGE_SIZE:  # not nan, not below one page
+            return -(-int(value) // PAGE_SIZE) * PAGE_SIZE
+    raise argparse.ArgumentTypeError(f"not a size from one page ({PAGE_SIZE} bytes) up: {text!r}")
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    unit = 0
+    while abs(n) >= 1024 and unit < 8:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {'KMGTPEZY'[unit - 1]}iB" if unit else f"{n:.0f} B"
 
 
-def _pattern(view: memoryview, pos: int, seed: int) -> None:
-    """Fill ``view`` with the bytes that belong at offset ``pos`` of a test
-    region: pseudo-random, with each page's first word its page number, so a
-    lost, duplicated or reordered page shows.  ``pos`` and ``len(view)`` are
-    multiples of 8."""
-    block = _pattern_block(seed)
-    n, at = len(view), pos % len(block)
-    done = 0
-    while done < n:
-        take = min(n - done, len(block) - at)
-        view[done:done + take] = block[at:at + take]
-        done, at = done + take, 0
-    words = view.cast("Q")
-    for page in range(-(-pos // PAGE_SIZE), -(-(pos + n) // PAGE_SIZE)):
-        words[(page * PAGE_SIZE - pos) // 8] = page ^ (seed << 40)
-    words.release()
+_block: list = [None, b""]  # the last seed and its 1 MiB of pseudo-random bytes
 
 
-_blocks: dict = {}
-
-
-def _pattern_block(seed: int) -> bytes:
-    if seed not in _blocks:
-        import random
-        _blocks[seed] = random.Random(seed).randbytes(1 << 20)
-    return _blocks[seed]
+def _pattern(pos: int, seed: int) -> bytearray:
+    """The 1 MiB at ``pos`` (a multiple of 1 MiB) of the test region of ``seed``: random
+    bytes, each page's first word its page number, so that a lost or misplaced page shows."""
+    if _block[0] != seed:
+        _block[:] = seed, random.Random(seed).randbytes(1 << 20)
+    data = bytearray(_block[1])
+    for page in range(0, 1 << 20, PAGE_SIZE):
+        struct.pack_into("=Q", data, page, (pos + page) // PAGE_SIZE ^ seed << 40)
+    return data
 
 
 def _fill(buf: Any, seed: int) -> None:
-    """Fill all of ``buf`` with ``_pattern``'s bytes."""
-    mv = memoryview(buf)
-    for pos in range(0, len(mv), 1 << 20):
-        _pattern(mv[pos:pos + (1 << 20)], pos, seed)
-    mv.release()
+    """Fill all of ``buf`` with the test region of ``seed``."""
+    with memoryview(buf) as mv:
+        for pos in range(0, len(mv), 1 << 20):
+            mv[pos:pos + (1 << 20)] = _pattern(pos, seed)[:len(mv) - pos]
 
 
 def _mismatch(buf: Any, seed: int, length: int) -> int | None:
-    """Offset of the first byte of ``buf[:length]`` that ``_fill`` would not
-    have written, or None."""
-    expected = memoryview(bytearray(1 << 20))
-    got = memoryview(buf)
-    try:
+    """Offset of the first byte of ``buf[:length]`` that ``_fill`` would not have written, or None."""
+    with memoryview(buf) as mv:
         for pos in range(0, length, 1 << 20):
-            end = min(pos + (1 << 20), length)
-            want = expected[:end - pos]
-            _pattern(want, pos, seed)
-            if got[pos:end].tobytes() != want.tobytes():  # bytes: memcmp; views: item by item
-                return pos + next(i for i in range(end - pos) if got[pos + i] != want[i])
-    finally:
-        got.release()
+            got, want = mv[pos:min(length, pos + (1 << 20))].tobytes(), _pattern(pos, seed)[:length - pos]
+            if got != want:  # bytes and bytearray: memcmp
+                return pos + next(i for i in range(len(got)) if got[i] != want[i])
     return None
 
 
 def _resident(buf: PageBuffer) -> int:
-    """Bytes of ``buf`` resident in memory now (mincore(2))."""
-    pages = len(buf) // PAGE_SIZE
-    vec = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(len(buf)), vec) != 0:
-        return -1
-    return sum(1 for v in vec if v & 1) * PAGE_SIZE
+    """Bytes of ``buf`` resident in memory now (mincore(2)), -1 if unknown."""
+    vec = (ctypes.c_ubyte * (len(buf) // PAGE_SIZE))()
+    failed = ctypes.CDLL(None).mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(len(buf)), vec)
+    return -1 if failed else sum(v & 1 for v in bytes(vec)) * PAGE_SIZE
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:  # Linux 4.0+: "5" resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _populate(buf: PageBuffer) -> None:
-    """Fault every page in now, in one call where the kernel can."""
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # before Linux 5.14: touch each page
-        for pos in range(0, len(buf), PAGE_SIZE):
-            buf[pos] = 0
+def _status_kib(field: str, path: str = "/proc/self/status") -> int:
+    """A field of /proc/self/status (or of ``path``: /proc/meminfo) in KiB, 0 if missing."""
+    with open(path) as f:
+        return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
 
 
 def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
-    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error.
-    The child first closes ``close``, the parent's pipe ends: holding them,
-    it would never see EPIPE or EOF if the parent died, and would hang."""
+    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error, after closing
+    ``close``, the parent's pipe ends (holding them, it would hang if the parent died)."""
     pid = os.fork()
     if pid:
         return pid
-    code = 1
     try:
         for fd in close:
             os.close(fd)
         fn(*args)
-        code = 0
-    except BrokenPipeError:
-        pass  # the parent is gone or gave up: nobody to tell
-    except BaseException:
-        import traceback
-        traceback.print_exc()
+        os._exit(0)
+    except BaseException as exc:
+        if not isinstance(exc, (BrokenPipeError, KeyboardInterrupt)):  # else: the parent is gone, or knows
+            sys.excepthook(*sys.exc_info())  # the traceback, as if uncaught
     finally:
-        os._exit(code)
+        os._exit(1)
+
+
+def _status(fd: int) -> bytes:
+    """The writer's next message on its status socket; its error raised here."""
+    data = os.read(fd, 1 << 16)
+    if data[:1] in (b"", b"E"):
+        raise RuntimeError(f"the writer process failed: {data[1:].decode() or 'it ended without a word'}")
+    return data
 
 
 @contextlib.contextmanager
 def _writer_child(fn: Any, *args: Any) -> Any:
-    """Fork ``fn(write_fd, status_fd, *args)`` as the writer; yield the
-    parent's ``(read_fd, status_fd)``.  On the way out the pipes close and the
-    child is reaped; if the parent is failing (an exception, Ctrl-C), the
-    child is killed first and its status not judged."""
+    """Fork ``fn(w, status, *args)`` as the writer; yield the parent's ``(r, status)``: the read
+    end of pipe ``w`` and a Unix packet socket (the writer's exception comes there for ``_status``)."""
+    def writer(*args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # told by the parent, in one line
+            os.write(sw, b"E" + (str(exc) or type(exc).__name__).encode(errors="replace"))
+            os._exit(1)
     r, w = pipe()
-    sr, sw = os.pipe()
-    pid = _in_child(fn, w, sw, *args, close=(r, sr))
+    sr, sw = (s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    pid = _in_child(writer, w, sw, *args, close=(r, sr))
     os.close(w)
     os.close(sw)
-    failing = True
     try:
         yield r, sr
-        failing = False
     finally:
         os.close(r)
         os.close(sr)
-        if failing:
-            os.kill(pid, 9)  # SIGKILL: its work is no longer wanted
-        status = os.waitpid(pid, 0)[1]
-    if status:
-        raise RuntimeError(f"child process {pid} failed (wait status {status:#x})")
+        os.kill(pid, 9)  # SIGKILL: its work is done (its last word came) or no longer wanted
+        os.waitpid(pid, 0)
 
 
-def _write_all(fd: int, buf: Any, length: int | None = None) -> int:
-    mv = memoryview(buf)
-    stop = len(mv) if length is None else length
-    done = 0
-    while done < stop:
-        done += os.write(fd, mv[done:stop])
-    mv.release()
-    return done
-
-
-def _read_all(fd: int, buf: Any, length: int) -> int:
-    mv = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.readv(fd, [mv[done:length]])
-        if n == 0:
-            break
-        done += n
-    mv.release()
-    return done
-
-
-class _Progress:
-    """A one-line progress bar on a terminal's stderr; silent elsewhere."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total = label, total
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        if self.enabled:
-            cells = 30 * done // self.total
-            sys.stderr.write(f"\r{self.label:<14} [{'#' * cells:<30}] {100 * done // self.total:3d}%")
-            sys.stderr.flush()
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:  # clear the line
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
-
-
-# -- migrate: a region filled in a child, sent to the parent ----------------
-
-# method: (the writer's region in huge pages, the reader's, the reader's
-# memory faulted in before the clock starts)
-MIGRATE_METHODS = {
-    "gift": (True, True, False),          # the module's best settings
-    "gift-4k": (False, False, False),     # the same without huge pages
-    "plain-fresh": (True, False, False),  # os.write, os.readv into new memory
-    "plain-prefaulted": (True, False, True),
-}
-
-
-def _migrate_writer(w: int, status: int, size: int, method: str, seed: int) -> None:
-    src = PageBuffer(size, huge=MIGRATE_METHODS[method][0])
+def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None, seed: int) -> None:
+    src = PageBuffer(size, memfd=True) if how == "handoff" else PageBuffer(size, huge=huge)
     _fill(src, seed)
+    report = {"sender_frames": [_frame(src), _frame(src, size - PAGE_SIZE)], "writer_filled": _resident(src)}
     os.write(status, b"R")
-    sent = gift(w, src) if method.startswith("gift") else _write_all(w, src)
-    os.close(w)
-    report = {"sent": sent, "region_resident": _resident(src), "rss": _status_kib("VmRSS") << 10}
+    os.read(status, 1)  # "G", the go (or nothing: the parent is gone, and so shall we be)
+    if how == "handoff":
+        handoff(status, src)  # unmaps src
+    else:  # os.write: all of it, the pipe blocks
+        (gift if how == "gift" else os.write)(w, src)
+    report["writer_resident"] = 0 if how == "handoff" else _resident(src)
     os.write(status, json.dumps(report).encode())
 
 
-def _migrate_once(size: int, method: str, seed: int, label: str = "") -> dict:
-    """Send ``size`` bytes child to parent by ``method``; time and verify."""
-    _, huge, prefault = MIGRATE_METHODS[method]
-    with _writer_child(_migrate_writer, size, method, seed) as (r, sr), \
-            _Progress(label, size, bool(label)) as bar:
-        if prefault:  # mapped after the fork: pages shared with the child would be copied on write
-            dst = PageBuffer(size, huge=huge)
-            _populate(dst)
-        _reset_peak()
-        if os.read(sr, 1) != b"R":
-            raise RuntimeError("the writer process failed before sending")
-        start = time.perf_counter()
-        if not prefault:  # new memory: its page faults are part of the transfer
-            dst = PageBuffer(size, huge=huge)
-        got, step = 0, 16 << 20
-        while got < size:
-            want = min(step, size - got)
-            n = move(r, dst, got, want) if method.startswith("gift") else \
-                _read_all(r, memoryview(dst)[got:], want)
-            got += n
-            bar.update(got)
-            if n < want:
-                break
+def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader_huge: bool | None = None,
+             label: str = "", watch: Any = lambda stage, dst: {}) -> dict:
+    """Bring ``size`` bytes a child fills in ``PageBuffer(size, huge=huge)`` here by ``how`` ("gift",
+    "plain": write and readv, "handoff") into ``PageBuffer(size, huge=reader_huge)``; check every byte.
+    ``watch(stage, dst)`` runs before the go ("go"; ``dst`` None for a handoff) and after the data came
+    ("here"; what it returns is kept)."""
+    with _writer_child(_migrate_writer, size, how, huge, seed) as (r, status):
+        dst = None if how == "handoff" else PageBuffer(size, huge=reader_huge)  # after the fork: not shared
+        _status(status)  # "R": the writer has filled its region
+        watch("go", dst)
+        os.write(status, b"G")
+        start, got, n = time.perf_counter(), 0, 1
+        if dst is None:
+            dst, got = takeover(status), size  # EOFError or ValueError if the writer failed
+        with memoryview(dst) as view:
+            while got < size and n:
+                want = min(16 << 20, size - got)
+                n = move(r, dst, got, want) if how == "gift" else os.readv(r, [view[got:got + want]])
+                got += n
+                if label and sys.stderr.isatty():  # a progress bar, cleared at the end
+                    bar = f"\r{label:<14} [{'#' * (30 * got // size):<30}] {100 * got // size:3d}%"
+                    sys.stderr.write(bar if got < size and n else "\r" + " " * 60 + "\r")
         seconds = time.perf_counter() - start
-        peak = _status_kib("VmHWM") << 10
-        report = json.loads(os.read(sr, 4096) or b"{}")
+        report = {**watch("here", dst), **json.loads(_status(status))}  # watch first: it may time
     bad = _mismatch(dst, seed, size) if got == size else got
+    verified, frames = time.perf_counter() - start, [_frame(dst), _frame(dst, size - PAGE_SIZE)]
     dst.close()
     if bad is not None:
-        raise RuntimeError(f"{method}: data differs at byte {bad} of {size}")
-    return {"seconds": seconds, "writer_region_resident": report.get("region_resident"),
-            "writer_rss": report.get("rss"), "parent_peak": peak}
+        raise RuntimeError(f"{how}: data differs at byte {bad} of {size}")
+    return {"seconds": seconds, "verified_s": verified, "receiver_frames": frames, **report}
 
 
-# -- the commands --------------------------------------------------------------
-
-
-def _cmd_probe(args: argparse.Namespace) -> int:
+def _demo(size: int) -> None:
+    available = _status_kib("MemAvailable", "/proc/meminfo") << 10
+    if 0 < available < 2 * size:  # the plain run holds two copies
+        raise RuntimeError(f"needs 2 x {_human(size)} of memory, {_human(available)} available")
     support = probe()
-    print(json.dumps(dataclasses.asdict(support), indent=2) if args.json else support)
-    return 0
+    print(f"vmsplicemove demo: {_human(size)} from a child process to its parent, kernel {support.kernel}")
+    labels = {"gift": "gift + move", "plain": "write + readv", "handoff": "handoff"}
+    runs = {how: _migrate(size, how, 7, reader_huge=None if how == "gift" else False, label=label)
+            for how, label in labels.items() if support.handoff or how != "handoff"}
+    print(f"every byte verified in all {len(runs)} runs ({size} bytes each); seconds from the go:")
+    print(f"  {'':<14} {'arrived':>8} {'verified':>9}   throughput   freed in the writer")
+    for how, run in runs.items():
+        rate = "     -    " if how == "handoff" else f"{size / run['seconds'] / 2**30:6.2f} GiB/s"
+        print(f"  {labels[how]:<14} {run['seconds']:8.3f} {run['verified_s']:9.3f}   {rate}   "
+              f"{_human(size - run['writer_resident'])}")
+    print(f"gift + move is {runs['plain']['seconds'] / runs['gift']['seconds']:.2f}x plain write + readv; "
+          f"gift frees the writer's pages as the pipe takes them")
+    moved = {True: "moved (the reader got the writer's pages)", None: "unknown (see probe)", False:
+             "copied by the reader (the kernel does not move pages into user memory)"}[support.move]
+    print(f"pages were {moved if support.vmsplice else 'copied: vmsplice is not usable here'}")
+    if "handoff" not in runs:
+        print(f"handoff: not available here ({support.reason})")
+        return
+    sent, got = runs["handoff"]["sender_frames"], runs["handoff"]["receiver_frames"]
+    print("handoff: the pages themselves changed hands, " + (
+        "frames hidden (without CAP_SYS_ADMIN)" if not all(sent + got) else
+        f"the receiver maps the sender's very frames ({', '.join(map(hex, dict.fromkeys(got)))})"
+        if sent == got else f"the receiver got other frames: {sent} -> {got}"))
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    size = args.size
-    support = probe()
-    print(f"vmsplicemove demo: {_human(size)} from a child process to its parent, "
-          f"kernel {support.kernel}")
-    runs = {}
-    for method, label in (("gift", "gift + move"), ("plain-fresh", "write + readv")):
-        runs[method] = _migrate_once(size, method, seed=7, label=label)
-    gift_run, plain_run = runs["gift"], runs["plain-fresh"]
-    how = {True: "moved (the reader got the writer's pages)", False: "copied by the reader "
-           "(the kernel does not move pages into user memory)", None: "unknown (see probe)"}
-    if not support.vmsplice:
-        how[support.move] = "copied: vmsplice is not usable here, gift and move used os.write/readv"
-    print(f"every byte verified in both runs ({size} bytes each)")
-    for method, label in (("gift", "gift + move"), ("plain-fresh", "write + readv")):
-        run = runs[method]
-        print(f"  {label:<14} {run['seconds']:8.3f} s  {size / run['seconds'] / 2**30:6.2f} GiB/s"
-              f"   writer's region still resident: {_human(run['writer_region_resident'])}")
-    print(f"gift + move is {plain_run['seconds'] / gift_run['seconds']:.2f}x plain write + readv")
-    print(f"pages were {how[support.move]}")
-    print(f"writer memory freed along the way: "
-          f"{_human(size - gift_run['writer_region_resident'])} of {_human(size)} "
-          f"(gift drops each page as the pipe takes it)")
-    return 0
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, not the usage text
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m vmsplicemove",
-                                     description="Move pages between processes with vmsplice(2).")
+    prog = "vmsplicemove" if os.path.basename(sys.argv[0]) == "vmsplicemove" else "python3 -m vmsplicemove"
+    parser = _Parser(prog=prog, description="Move pages between processes with vmsplice(2).")
+    parser.add_argument("--version", action="version", version=f"vmsplicemove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("probe", help="report what this kernel does with vmsplice")
     p.add_argument("--json", action="store_true", help="print the fields as one JSON object")
-    p.set_defaults(run=_cmd_probe)
-    p = sub.add_parser("demo", help="gift a region from a child to its parent and verify it")
+    p = sub.add_parser("demo", help="move a region from a child to its parent three ways, verify it")
     p.add_argument("--size", type=_parse_size, default=256 << 20,
-                   help="bytes to send, e.g. 64M or 1G (default 256M)")
-    p.set_defaults(run=_cmd_demo)
-    _add_bench_parser(sub)
+                   help="bytes to send, from one page up, e.g. 64K, 64M or 1G (default 256M)")
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
-    except BrokenPipeError as exc:
-        if not _stdout_closed():
-            print(f"vmsplicemove {args.command}: {exc}", file=sys.stderr)
-            return 1
-        # Our reader left early (`| head`): quiet, and no second error at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a process ended by SIGPIPE
-    except (RuntimeError, OSError) as exc:
-        print(f"vmsplicemove {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"vmsplicemove {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-def _stdout_closed() -> bool:
-    """Whether standard output is a pipe whose reader has gone (POLLERR)."""
-    poller = select.poll()
-    poller.register(sys.stdout.fileno(), select.POLLOUT)
-    return any(events & select.POLLERR for _, events in poller.poll(0))
-
-
-def _add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="measure gift/move against plain copies",
-                       description="Time each scenario's methods interleaved, median of --runs "
-                                   "after a warm-up, data verified after every run.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", default=list(_SCENARIOS),
-                   help=f"any of {', '.join(_SCENARIOS)} (default: all)")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.add_argument("--runs", type=_positive_int, default=5, help="timed runs per method (default 5)")
-    p.add_argument("--size", type=_parse_size, default=256 << 20,
-                   help="migrate region; stream sends 4x this, calls moves it a page at a time "
-                        "(default 256M)")
-    p.add_argument("--chunk", type=_parse_size, default=1 << 20,
-                   help="stream's reused buffer (default 1M)")
-    p.set_defaults(run=_cmd_bench)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return value
-
-
-# -- stream: one reused buffer refilled and sent, chunk after chunk -----------
-
-STREAM_METHODS = ("gift", "plain")
-
-
-def _stream_source(chunk: int, seed: int) -> bytes:
-    source = bytearray(chunk)
-    _fill(source, seed)
-    return bytes(source)
-
-
-def _stream_writer(w: int, status: int, chunk: int, count: int, method: str, seed: int) -> None:
-    source = _stream_source(chunk, seed)
-    # Each gift leaves the buffer without pages and the refill faults them
-    # back in: huge pages make that one fault per 2 MiB, where they fit.
-    buf = PageBuffer(chunk, huge=method == "gift" and chunk % _HUGE_PAGE_SIZE == 0)
-    buf[:] = source
-    os.write(status, b"R")
-    for i in range(count):
-        buf[:] = source
-        struct.pack_into("<Q", buf, 0, i)
-        sent = gift(w, buf) if method == "gift" else _write_all(w, buf)
-        if sent != chunk:
-            raise RuntimeError(f"chunk {i}: sent {sent} of {chunk} bytes")
-    os.close(w)
-
-
-def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
-    source = _stream_source(chunk, seed)[8:]
-    with PageBuffer(chunk) as dst, \
-            _writer_child(_stream_writer, chunk, count, method, seed) as (r, sr):
-        if os.read(sr, 1) != b"R":
-            raise RuntimeError("the writer process failed before sending")
-        start = time.perf_counter()
-        for i in range(count):
-            got = move(r, dst) if method == "gift" else _read_all(r, dst, chunk)
-            if got != chunk or struct.unpack_from("<Q", dst)[0] != i or dst[8:] != source:
-                raise RuntimeError(f"stream {method}: chunk {i} arrived wrong")
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds}
-
-
-# -- calls: one-page round trips in one process -------------------------------
-
-CALLS_METHODS = ("public", "bare-ctypes")
-
-
-def _calls_once(count: int, method: str) -> dict:
-    r, w = pipe()
-    src, dst = PageBuffer(PAGE_SIZE), PageBuffer(PAGE_SIZE)
-    try:
-        if method == "public":
-            start = time.perf_counter()
-            for i in range(count):
-                src[0] = i & 0xFF
-                gift(w, src)
-                move(r, dst)
-                if dst[0] != i & 0xFF:
-                    break
+        if args.command == "demo":
+            _demo(args.size)
         else:
-            # The least a correct gift and move can do from Python: the same
-            # three system calls through ctypes, with nothing checked.
-            libc = ctypes.CDLL(None, use_errno=True)
-            vms = libc.vmsplice
-            vms.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-            vms.restype = ctypes.c_ssize_t
-            madvise = libc.madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            madvise.restype = ctypes.c_int
-            src_iov, dst_iov = _pack_iovec(src.address, PAGE_SIZE), _pack_iovec(dst.address, PAGE_SIZE)
-            address, dontneed, gift_flags = src.address, _MADV_DONTNEED, SPLICE_F_GIFT | SPLICE_F_MOVE
-            start = time.perf_counter()
-            for i in range(count):
-                src[0] = i & 0xFF
-                vms(w, src_iov, 1, gift_flags)
-                madvise(address, PAGE_SIZE, dontneed)
-                vms(r, dst_iov, 1, SPLICE_F_MOVE)
-                if dst[0] != i & 0xFF:
-                    break
-        seconds = time.perf_counter() - start
-        if dst[0] != (count - 1) & 0xFF:
-            raise RuntimeError(f"calls {method}: the last page arrived wrong")
-    finally:
-        src.close()
-        dst.close()
-        os.close(r)
-        os.close(w)
-    return {"seconds": seconds}
-
-
-# -- the harness ----------------------------------------------------------------
-
-_SCENARIOS = {
-    "migrate": tuple(MIGRATE_METHODS),
-    "stream": STREAM_METHODS,
-    "calls": CALLS_METHODS,
-}
-
-
-def _copy_bandwidth(size: int) -> float:
-    """The machine's memcpy bandwidth in bytes/s, between faulted buffers."""
-    a, b = bytearray(b"\1") * size, bytearray(size)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        b[:] = a
-        best = min(best, time.perf_counter() - start)
-    return size / best
-
-
-def _median(values: list) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
-    size, chunk = args.size, args.chunk
-    if name == "migrate":
-        def once(method: str, seed: int) -> dict:
-            return _migrate_once(size, method, seed)
-        volume = size
-    elif name == "stream":
-        count = max(1, 4 * size // chunk)
-        volume = count * chunk
-
-        def once(method: str, seed: int) -> dict:
-            return _stream_once(chunk, count, method, seed)
-    else:
-        count = size // PAGE_SIZE
-        volume = count * PAGE_SIZE
-
-        def once(method: str, seed: int) -> dict:
-            return _calls_once(count, method)
-    methods = _SCENARIOS[name]
-    runs: dict = {m: [] for m in methods}
-    for run in range(args.runs + 1):  # run 0 is the warm-up
-        for method in methods:  # interleaved: the machine's noise hits them all
-            result = once(method, seed=run * 16 + methods.index(method) + 1)
-            if run:
-                runs[method].append(result)
-    table = {}
-    for method in methods:
-        seconds = [r["seconds"] for r in runs[method]]
-        med = _median(seconds)
-        entry = {"median_s": med, "runs_s": seconds, "gib_s": volume / med / 2**30}
-        if name == "calls":
-            entry["round_trips_per_s"] = count / med
-        for key in ("writer_region_resident", "writer_rss", "parent_peak"):
-            if key in runs[method][-1]:
-                entry[key] = max(r[key] for r in runs[method])
-        table[method] = entry
-    result = {"bytes": volume, "methods": table, "ratios": _ratios(name, table, size)}
-    if name == "stream":
-        result["bound"] = _refault_cost(chunk)
-    return result
-
-
-def _refault_cost(chunk: int) -> dict:
-    """What gifting a reused buffer trades: the refill of a gifted chunk
-    faults every page back in, zeroed; a plain write costs one more copy."""
-    huge = chunk % _HUGE_PAGE_SIZE == 0
-    source = _stream_source(chunk, 1)
-    refill, copy = [], []
-    with PageBuffer(chunk, huge=huge) as buf:
-        buf[:] = source
-        for _ in range(21):
-            buf.discard()
-            start = time.perf_counter()
-            buf[:] = source  # into dropped pages: fault, zero, copy
-            middle = time.perf_counter()
-            buf[:] = source  # into present pages: copy
-            refill.append(middle - start)
-            copy.append(time.perf_counter() - middle)
-    return {"chunk": chunk, "huge_pages": huge, "copy_us": _median(copy) * 1e6,
-            "faults_us": (_median(refill) - _median(copy)) * 1e6}
-
-
-def _ratios(name: str, table: dict, size: int) -> dict:
-    """Same-run speed ratios, each with the project's target."""
-    def ratio(a: str, b: str, target: float) -> dict:
-        value = table[b]["median_s"] / table[a]["median_s"]
-        return {"value": value, "target": target, "met": value >= target}
-    if name == "migrate":
-        resident = table["gift"]["writer_region_resident"] / size
-        return {"gift / plain-fresh": ratio("gift", "plain-fresh", 3.0),
-                "gift / plain-prefaulted": ratio("gift", "plain-prefaulted", 1.3),
-                "writer resident at end / region": {"value": resident, "target": 0.05,
-                                                    "met": resident <= 0.05, "at_most": True}}
-    if name == "stream":
-        return {"gift / plain": ratio("gift", "plain", 1.3)}
-    return {"public / bare-ctypes": ratio("public", "bare-ctypes", 0.6)}
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    unknown = [s for s in args.scenarios if s not in _SCENARIOS]
-    if unknown:
-        print(f"vmsplicemove bench: unknown scenario {unknown[0]!r}; "
-              f"choose from {', '.join(_SCENARIOS)}", file=sys.stderr)
-        return 2
-    support = probe()
-    r, w = pipe()
-    pipe_size = fcntl.fcntl(w, _F_GETPIPE_SZ)
-    os.close(r)
-    os.close(w)
-    result = {
-        "kernel": support.kernel, "huge_pages": support.huge_pages, "pipe_size": pipe_size,
-        "vmsplice": support.vmsplice, "move": support.move, "cpus": os.cpu_count(),
-        "python": sys.version.split()[0], "runs": args.runs,
-        "copy_bandwidth_gib_s": _copy_bandwidth(64 << 20) / 2**30,
-        "scenarios": {},
-    }
-    if not args.json:
-        print(f"vmsplicemove bench: kernel {support.kernel}, THP {support.huge_pages}, "
-              f"pipe {_human(pipe_size)}, {os.cpu_count()} CPUs, Python {result['python']}")
-        print(f"median of {args.runs} runs after a warm-up, methods interleaved, "
-              f"data verified after every run; memcpy reference "
-              f"{result['copy_bandwidth_gib_s']:.2f} GiB/s")
-    for name in dict.fromkeys(args.scenarios):
-        scenario = _bench_scenario(name, args)
-        result["scenarios"][name] = scenario
-        if not args.json:
-            _print_scenario(name, scenario)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    return 0
-
-
-def _print_scenario(name: str, scenario: dict) -> None:
-    print(f"\n{name}: {_human(scenario['bytes'])}")
-    for method, entry in scenario["methods"].items():
-        line = f"  {method:<18} {entry['median_s']:9.4f} s  {entry['gib_s']:7.2f} GiB/s"
-        if "round_trips_per_s" in entry:
-            line += f"  {entry['round_trips_per_s']:10,.0f} round trips/s"
-        if "writer_region_resident" in entry:
-            line += (f"  writer region resident {_human(entry['writer_region_resident'])}"
-                     f", parent peak {_human(entry['parent_peak'])}")
-        print(line)
-    for label, r in scenario["ratios"].items():
-        bound = "at most" if r.get("at_most") else "target"
-        print(f"  {label:<34} {r['value']:6.2f}   ({bound} {r['target']}: "
-              f"{'met' if r['met'] else 'MISSED'})")
-    if "bound" in scenario:
-        b = scenario["bound"]
-        pages = "huge pages" if b["huge_pages"] else f"{PAGE_SIZE // 1024} KiB pages"
-        print(f"  bound: refilling a gifted {_human(b['chunk'])} chunk ({pages}) costs "
-              f"{b['faults_us']:.0f} us of page faults, to save one {b['copy_us']:.0f} us copy")
+            print(json.dumps(dataclasses.asdict(probe()), indent=2) if args.json else probe())
+        sys.stdout.flush()  # a closed output shows here, not at exit
+        return 0
+    except (RuntimeError, OSError, MemoryError, ValueError, EOFError) as exc:  # the writer's, takeover's
+        message, code = str(exc) or type(exc).__name__, 1
+        poller = select.poll()  # a broken pipe: is it stdout, whose reader has gone (`| head`)?
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        if isinstance(exc, BrokenPipeError) and any(ev & select.POLLERR for _, ev in poller.poll(0)):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 141  # as a process ended by SIGPIPE
+    except KeyboardInterrupt:
+        message, code = "interrupted", 130
+    print(f"{prog} {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
