@@ -1,4 +1,5 @@
-"""pytest options for vmsplicemove's suite: --soak runs the long versions."""
+"""pytest options for vmsplicemove's suite: --soak runs the long versions;
+the marker ``needs_vmsplice`` skips a test where vmsplice(2) cannot be used."""
 
 import signal
 
@@ -8,6 +9,22 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true",
                      help="run the reliability tests at full length (minutes, not seconds)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_vmsplice: the test calls vmsplice(2) itself or checks what it does; skipped "
+        "where probe().vmsplice is False (gVisor, a seccomp profile that refuses it)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_vmsplice") is not None:
+        import vmsplicemove
+
+        support = vmsplicemove.probe()
+        if not support.vmsplice:
+            pytest.skip(f"vmsplice cannot be used here: {support.reason}")
 
 
 @pytest.fixture

@@ -83,7 +83,6 @@ _MADV_DONTNEED = 4  # Linux: private anonymous pages are freed and read back as 
 _MADV_REMOVE = 9  # shared memory: the pages are freed and read back as zeros
 _MADV_DONTFORK = 10
 _MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23  # Linux 5.14
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
@@ -93,11 +92,9 @@ _THP = "/sys/kernel/mm/transparent_hugepage/"
 # ---------------------------------------------------------------------------
 # The libc binding: argtypes and restype set once.
 
-# struct iovec {void *iov_base; size_t iov_len;}, packed into bytes: the
-# kernel only reads it, and ctypes passes bytes to a c_void_p argument as a
-# pointer, faster than it builds and converts a Structure.
-_IOVEC = struct.Struct("PN")
-_pack_iovec = _IOVEC.pack
+# struct iovec {void *iov_base; size_t iov_len;} as bytes: ctypes passes bytes to a c_void_p argument
+# as a pointer, faster than it builds a Structure, and the kernel only reads it.
+_pack_iovec = struct.Struct("PN").pack
 
 
 def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
@@ -115,13 +112,9 @@ _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_siz
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
-# madvise through a second handle without use_errno: called right after
-# vmsplice, it must not overwrite the errno that ctypes saved for vmsplice.
+# madvise through a second handle without use_errno: called right after vmsplice, it must not
+# overwrite the errno that ctypes saved for vmsplice.
 _madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size, _c_int)
-if not _LINUX:  # MADV_DONTNEED is only advice there: zeros make the same result
-    def _madvise_fn(address: int, length: int, advice: int) -> int:
-        ctypes.memset(address, 0, length)
-        return 0
 
 
 
@@ -141,9 +134,8 @@ _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyB
 
 
 def _address_of(view: memoryview) -> int:
-    """The address of a contiguous ``view``'s bytes, read-only ones included
-    (ctypes' public API has it only for writable buffers).  ``view`` itself
-    keeps the object exported, so that it cannot be closed or resized."""
+    """The address of a contiguous ``view``'s bytes, read-only too (ctypes' API has it for writable
+    ones only).  ``view`` keeps the object exported, so that it cannot be closed or resized."""
     raw = _PyBuffer()
     _GetBuffer(view, raw, 0)  # PyBUF_SIMPLE: BufferError unless contiguous
     _ReleaseBuffer(raw)
@@ -155,11 +147,9 @@ def _address_of(view: memoryview) -> int:
 
 
 def _read_setting(path: str, default: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return default
+    with contextlib.suppress(OSError), open(path) as f:
+        return f.read().strip()
+    return default
 
 
 def _thp_mode(name: str) -> str:
@@ -185,21 +175,16 @@ class _OwnHelp(type):
 class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     """Page-aligned memory for ``gift`` and ``handoff``: an ``mmap.mmap``.
 
-    ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded
-    up to whole pages.  ``huge=True`` rounds up to whole transparent huge pages
-    and advises ``MADV_HUGEPAGE`` (plain pages where there are none, silently);
-    ``huge=None`` does so exactly when ``size`` is a whole number of huge pages
-    and THP is not ``never``; ``.huge`` tells.  ``memfd=False``: private
-    anonymous memory, what ``gift`` needs (dropping a *private* page detaches it
-    from this process only; a shared page, ``mmap.mmap(-1, n)``'s default, stays
-    shared with the pipe).  ``memfd=True``: the pages of a sealable memfd, mapped
-    shared and not inherited by forked children, what ``handoff`` sends.
+    ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded up to whole pages.
+    ``huge=True`` rounds up to whole transparent huge pages and advises ``MADV_HUGEPAGE`` (where THP
+    exists); ``None``: huge pages exactly when ``size`` is whole huge pages and THP is not ``never``.
+    ``memfd=False``: private anonymous memory, what ``gift`` needs (dropping a *private* page detaches
+    it from this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
+    ``memfd=True``: a sealable memfd's pages, mapped shared, not inherited by a fork: for ``handoff``.
 
-    A writable bytes-like object: ``len()``, indexing, slicing, ``memoryview``,
-    ``os.readv``, ``hashlib``...  Of ``mmap``'s methods it keeps ``read``,
-    ``write``, ``seek``, ``find``, ``flush``, ``madvise`` and the like; ``resize``
-    and ``move`` (mmap's memmove, not ``vmsplicemove.move``) raise ``TypeError``.
-    ``close()`` while a memoryview is exported raises ``BufferError``; any use
+    A writable bytes-like object (``len()``, slicing, ``memoryview``, ``os.readv``...) that keeps
+    ``mmap``'s ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; ``resize`` and ``move``
+    (mmap's memmove) raise ``TypeError``.  ``close()`` while exported raises ``BufferError``; any use
     after close raises ``ValueError``.
 
     Raises:
@@ -242,13 +227,9 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
                 self.madvise(_MADV_HUGEPAGE)
         return self
 
-    def __init__(self, size: int, *, huge: bool | None = None, memfd: bool = False) -> None:
-        pass  # everything happens in __new__, as mmap.mmap wants
-
     @classmethod
     def _map(cls, fd: int, size: int, kind: str) -> PageBuffer:
-        """Map ``size`` bytes: anonymous (fd -1), a memfd shared, or a sealed
-        memfd private (copy on write)."""
+        """Map ``size`` bytes: anonymous (fd -1), a memfd shared, a sealed memfd private (COW)."""
         flags = mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE
         if fd < 0:
             flags |= mmap.MAP_ANONYMOUS
@@ -286,12 +267,9 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
             os.close(fd)
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
-        """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end).
-
-        The range reads back as zeros and its memory goes back to the system; pages
-        a pipe still holds stay there, unchanged.  ``ValueError`` for a bad range
-        or a closed buffer, ``OSError`` if the kernel refuses (locked memory before
-        Linux 5.18).
+        """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
+        zeros and its memory goes back to the system; a pipe keeps what it holds.  ``ValueError`` for a
+        bad range or a closed buffer, ``OSError`` if the kernel refuses (locked, before Linux 5.18).
         """
         start, stop = _page_range(self, offset, length, aligned=True)
         if stop == start:
@@ -331,8 +309,8 @@ def _zero_pages(address: int, length: int) -> None:
 
 
 def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
-    """Check a byte range of ``buf`` (a PageBuffer, or a buffer's size in
-    bytes); return ``(start, stop)``."""
+    """Check a byte range of ``buf`` (a PageBuffer, or a buffer's size in bytes); return ``(start,
+    stop)``."""
     if type(buf) is int:
         size = buf
     elif buf.closed:
@@ -364,9 +342,8 @@ def _check_flags(flags: int, allowed: int, where: str) -> None:
 
 
 def _describe_fd(fd: int) -> str:
-    """What ``fd`` is, in words: "a pipe read end", "a pipe write end", "a pipe
-    open for reading and writing", "a regular file", "a socket", "a directory",
-    "a character device", "a block device", "not open" or "not a pipe"."""
+    """What ``fd`` is: "a pipe read end" ("write end", "open for reading and writing"), "a regular
+    file", "a socket", "a directory", "a character device", "a block device", "not open", "not a pipe"."""
     try:
         mode, access = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError):
@@ -379,8 +356,7 @@ def _describe_fd(fd: int) -> str:
 
 
 def _fd_error(err: int, fd: int, call: str) -> OSError:
-    """An OSError for ``err`` from ``call``, saying what ``fd`` is when that is
-    the reason."""
+    """An OSError for ``err`` from ``call``, saying what ``fd`` is when that is the reason."""
     what = _describe_fd(fd)
     if what == "not open":
         return OSError(errno.EBADF, f"{call}: descriptor {fd} is not open")
@@ -390,9 +366,8 @@ def _fd_error(err: int, fd: int, call: str) -> OSError:
 
 
 def _pipe_access(fd: int, call: str, want: int, fifo: bool = False) -> None:
-    """Check that ``fd`` is open for ``want`` (os.O_RDONLY: a read end,
-    os.O_WRONLY: a write end).  Whether it is a pipe at all, vmsplice tells
-    (EBADF); the copy fallback's writev/readv would not, so it asks (``fifo``)."""
+    """Check that ``fd`` is open for ``want`` (os.O_RDONLY or O_WRONLY).  Whether it is a pipe,
+    vmsplice tells (EBADF); the copy fallback's writev/readv would not, so it asks (``fifo``)."""
     try:
         access = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
@@ -411,23 +386,19 @@ def _pipe_access(fd: int, call: str, want: int, fifo: bool = False) -> None:
 
 
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
-    """Make one ``vmsplice(2)`` call over ``buffers``; return the byte count.
+    """Make one ``vmsplice(2)`` call over ``buffers``; return the byte count (maybe short).
 
-    On a pipe write end the bytes of ``buffers`` are queued; on a read end the
-    pipe's bytes are copied into them.  Like ``os.writev``/``os.readv`` the
-    count may be short.  ``flags``: any ``SPLICE_F_*``.  EINTR is retried.
-
-    Safety: on a write end the pipe holds references to the very pages of
-    ``buffers``, not a copy, and this function keeps nothing alive.  Until the
-    reader has the data, modifying or freeing them changes or corrupts what it
-    gets.  ``gift`` hands pages over safely.
+    On a pipe write end the bytes of ``buffers`` are queued, on a read end the pipe's bytes are
+    copied into them, like ``os.writev``/``os.readv``.  ``flags``: any ``SPLICE_F_*``.  EINTR is
+    retried.  Safety: on a write end the pipe holds references to the very pages of ``buffers``, not
+    a copy, and this function keeps nothing alive: until the reader has the data, modifying or freeing
+    them changes or corrupts what it gets.  ``gift`` hands pages over safely.
 
     Raises:
-        TypeError: ``fd`` is not an int; one buffer instead of a sequence; a
-            buffer not contiguous, or read-only on a read end.
+        TypeError: ``fd`` is not an int; one buffer, not a sequence; a buffer not contiguous, or
+            read-only on a read end.
         ValueError: unknown flag bits, or more than ``IOV_MAX`` buffers.
-        OSError: the kernel's errno; EBADF saying what ``fd`` is when it is not
-            a pipe; ENOSYS without ``vmsplice`` in the C library.
+        OSError: the kernel's errno; EBADF saying what ``fd`` is when it is not a pipe.
     """
     _check_int("fd", fd)
     _check_flags(flags, _SPLICE_F_ALL, "vmsplice")
@@ -469,23 +440,19 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
 # ---------------------------------------------------------------------------
 # Gift and move: the protocol of the RFC
 #
-# Signals.  CPython runs a Python signal handler in the main thread, between
-# bytecodes, whichever thread the kernel delivered the signal to; blocking
-# signals in this thread cannot stop it.  A handler that raises between a
-# vmsplice and its discard would leave gifted pages mapped and writable, and
-# between a call and its counting would lose the count.  So each step is one
-# chain of C iterators run by one C call: the system call, its result stored
-# (dict.setdefault passes it on), and for a gift the madvise of the pages it
-# queued; no bytecode runs between them.  The count is kept as one tuple,
-# replaced in one store.  The exception handlers read it without calling
-# anything: from CPython 3.11 the interpreter checks for signals only at calls
-# and backward jumps, so none runs there.  CPython 3.9 and 3.10 check at most
-# bytecodes: a second raising handler can replace the exception before the
-# count is attached (the pages are dropped all the same).  Waiting happens in
-# the calls themselves or in poll(), between steps.  No signal is blocked.
+# Signals.  CPython runs a Python signal handler in the main thread between bytecodes, whichever
+# thread got the signal, so blocking signals here cannot stop it.  Raising between a vmsplice and
+# its discard would leave gifted pages mapped and writable; between a call and its counting, it would
+# lose the count.  So each step is one chain of C iterators run by one C call: the system call, its
+# result stored (dict.setdefault passes it on) and, for a gift, the madvise of what it queued.  The
+# count is one tuple, replaced in one store, and the exception handlers read it calling nothing: from
+# CPython 3.11 the interpreter checks for signals only at calls and backward jumps.  CPython 3.9 and
+# 3.10 check at most bytecodes, so a second raising handler can replace the exception before the
+# count is attached (the pages are dropped all the same).  Waits happen between steps; no signal is
+# blocked.
 
-# Cleared for the whole process the first time vmsplice answers ENOSYS or
-# EPERM (gVisor, a seccomp profile): from then on gift and move copy.
+# Cleared for the whole process the first time vmsplice answers ENOSYS or EPERM (gVisor, a seccomp
+# profile): from then on gift and move copy.
 _use_vmsplice = _vmsplice_fn is not None
 _REFUSED = (errno.ENOSYS, errno.EPERM)
 _ZERO, _ONE = (0,), (1,)
@@ -514,9 +481,8 @@ def _queued(fd: int) -> int:
 
 
 def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> bool:
-    """What a failed step means: True to try again (EINTR, or EAGAIN after
-    waiting), False to return the count so far (an error after progress comes
-    on the next call, like write(2)).  Raises when nothing was transferred."""
+    """What a failed step means: True to try again (EINTR, EAGAIN after waiting), False to return
+    the count so far (an error after progress comes on the next call); raises if nothing moved."""
     if err == errno.EINTR:
         return True
     if done and not (err == errno.EAGAIN and not nonblock):
@@ -547,14 +513,12 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
          *, flags: int = 0) -> int:
     """Give the pages ``buf[offset:offset+length]`` to the pipe write end ``fd``.
 
-    Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus
-    ``SPLICE_F_NONBLOCK``/``SPLICE_F_MORE`` from ``flags``) until every byte is
-    queued or a non-blocking pipe is full, dropping each page queued from this
-    process in the same step (see "Signals" above), locked memory included: it
-    reads as zeros, and writing to it never changes what the reader receives.
-    Where ``vmsplice`` is refused it copies with ``writev``, then drops.  Any
-    exception carries the bytes gifted in ``transferred`` (missing only if a
-    signal handler raised before anything was sent).
+    Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and
+    ``SPLICE_F_MORE`` from ``flags``) until every byte is queued or a non-blocking pipe is full, and
+    drops each page queued from this process in the same step (see "Signals"), locked memory
+    included: it reads as zeros, and writing to it never changes what the reader receives.  Where
+    ``vmsplice`` is refused it copies with ``writev``, then drops.  Any exception carries the bytes
+    gifted in ``transferred`` (missing only if a signal handler raised before anything was sent).
 
     Args:
         fd: the write end of a pipe.
@@ -562,16 +526,15 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
         offset, length: multiples of ``PAGE_SIZE``; ``length=None``: to the end.
 
     Returns:
-        The bytes gifted, whole pages: short only on a full non-blocking pipe,
-        or when an error followed some progress (it comes on the next call).
+        The bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
+        followed some progress (it comes on the next call).
 
     Raises:
         TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
         ValueError: a closed or memfd buffer, a bad range or flags, a read end.
         BlockingIOError: a non-blocking pipe is full before any page.
         BrokenPipeError: no reader is left.
-        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked memory
-            on a kernel older than 5.18 (MADV_DONTNEED_LOCKED).
+        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked memory before Linux 5.18.
     """
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
@@ -592,9 +555,8 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
 
 
 def _counted(steps: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
-    """Run gift's or move's loop on ``buf[start:start+length]``, the buffer held exported (so that
-    nobody can close it meanwhile); any exception leaving it carries the bytes moved in
-    ``transferred``.  Nothing in the handlers calls anything (see "Signals")."""
+    """Run gift's or move's loop on ``buf[start:start+length]``, ``buf`` exported meanwhile (it
+    cannot be closed); any exception leaving carries the bytes moved in ``transferred`` (see "Signals")."""
     tally: list = [(0, {})]  # (bytes so far, the running step's result once stored), replaced whole
     try:
         try:
@@ -630,9 +592,9 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
                 call = map(_vmsplice_fn, (fd,), (iov,), _ONE, (flags,))
             else:  # whole pages: pipe_write() takes a page per slot, so a count is whole pages
                 call = map(_writev_fn, (out,), (iov,), _ONE)
-            # One step in C (see "Signals"): the call, its count stored, the whole pages it
-            # queued dropped (after a failure, -1, madvise gets a length that wraps: EINVAL).
-            # any() runs it and tells whether madvise failed.
+            # One step in C (see "Signals"): the call, its count stored, the whole pages it queued
+            # dropped (after a failure, -1, madvise gets a length that wraps: EINVAL). any() runs it
+            # and tells whether madvise failed.
             refused = any(map(_madvise_fn, (at,), map(operator.and_, map(
                 pending.setdefault, _ZERO, call), _WHOLE_PAGES), (advice,)))
             n = pending[0]
@@ -655,11 +617,9 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
 
 
 def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
-    """The descriptor the copy fallback writes or reads ``fd``'s pipe through:
-    ``fd``, or a new one on the same pipe (/proc/self/fd reopens it) where the
-    call must not wait (O_NONBLOCK, leaving ``fd``'s own flags alone), or where
-    ``fd`` writes packets (O_DIRECT: read(2) drops what a short read leaves of a
-    packet, fs/pipe.c, while the pages vmsplice queues are a stream)."""
+    """The descriptor the copy fallback uses for ``fd``'s pipe: ``fd``, or a new one on the pipe
+    (/proc/self/fd) that never waits (O_NONBLOCK, ``fd``'s flags left alone) or makes no packets
+    (``fd`` has O_DIRECT: read(2) drops what a short read leaves of a packet; vmsplice makes none)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
     if not nonblock and not packets:
         return fd
@@ -673,11 +633,10 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
          *, flags: int = 0) -> int:
     """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]``.
 
-    Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until
-    ``length`` bytes arrived or every writer closed the pipe; ``readv`` where
-    ``vmsplice`` is refused.  A page-aligned range of a ``PageBuffer`` is what a
-    kernel that moves pages would move; mainline Linux copies.  Any exception
-    carries the bytes received in ``transferred``, as with ``gift``.
+    Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until ``length`` bytes came
+    or every writer closed the pipe; ``readv`` where ``vmsplice`` is refused.  A page-aligned range of
+    a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Any
+    exception carries the bytes received in ``transferred``, as with ``gift``.
 
     Args:
         fd: the read end of a pipe.
@@ -685,9 +644,8 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
         offset, length: any byte range of ``buf``; ``length=None``: to the end.
 
     Returns:
-        The bytes received: ``length``, or fewer at end of file (0: nothing
-        left), from a non-blocking pipe that ran dry, or when an error followed
-        some progress (it comes on the next call).
+        The bytes received: ``length``, or fewer at end of file (0: nothing left), from a
+        non-blocking pipe that ran dry, or when an error followed some progress (it comes next call).
 
     Raises:
         TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
@@ -751,11 +709,10 @@ def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
 
 
 def pipe(size: int | None = None) -> tuple[int, int]:
-    """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size``
-    bytes (rounded up to a power-of-two number of pages), or with ``None`` the
-    largest allowed (``/proc/sys/fs/pipe-max-size``, less where a per-user limit
-    refuses it).  ``ValueError`` outside (0, 2 GiB); ``OSError`` EPERM above
-    pipe-max-size without CAP_SYS_RESOURCE.
+    """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size`` bytes (rounded up to a
+    power-of-two number of pages), or with ``None`` the largest allowed
+    (``/proc/sys/fs/pipe-max-size``, less where a per-user limit refuses it).  ``ValueError``
+    outside (0, 2 GiB); ``OSError`` EPERM above pipe-max-size without CAP_SYS_RESOURCE.
     """
     if size is not None:
         _check_int("size", size)
@@ -766,7 +723,7 @@ def pipe(size: int | None = None) -> tuple[int, int]:
         if size is not None:
             fcntl.fcntl(w, _F_SETPIPE_SZ, size)
         elif _LINUX:
-            want = _pipe_max_size() or 0
+            want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0)
             while want > PAGE_SIZE:
                 try:
                     fcntl.fcntl(w, _F_SETPIPE_SZ, want)
@@ -780,21 +737,13 @@ def pipe(size: int | None = None) -> tuple[int, int]:
     return r, w
 
 
-def _pipe_max_size() -> int | None:
-    try:
-        return int(_read_setting("/proc/sys/fs/pipe-max-size", ""))
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------------------
 # Handoff: the pages themselves, to another process
 #
-# Mainline never moves pages through a pipe, but a memfd passed over a Unix
-# socket (SCM_RIGHTS) lets the receiver map the very same page frames.  The
-# seals make the kernel, not a promise, guarantee that nobody changes or
-# truncates them afterwards: F_SEAL_WRITE is refused while any writable shared
-# mapping exists (mm/memfd.c), which is why the sender unmaps first.
+# Mainline never moves pages through a pipe, but a memfd passed over a Unix socket (SCM_RIGHTS) lets
+# the receiver map the very same page frames.  The seals make the kernel, not a promise, guarantee
+# that nobody changes or truncates them afterwards: F_SEAL_WRITE is refused while any writable
+# shared mapping exists (mm/memfd.c), which is why the sender unmaps first.
 
 _HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
 _HANDOFF_MAGIC = b"pagemove"
@@ -802,8 +751,8 @@ _MAX_FDS = 253  # SCM_MAX_FD: room for every descriptor a hostile sender can att
 
 
 def _unix_socket(sock: Any, call: str) -> socket.socket:
-    """``sock`` (a socket, or a descriptor: wrapped, the caller detaches it),
-    checked to be a connected AF_UNIX stream or seqpacket socket."""
+    """``sock`` (a socket, or a descriptor: wrapped, the caller detaches it), checked to be a
+    connected AF_UNIX stream or seqpacket socket."""
     if isinstance(sock, socket.socket):
         obj = sock
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -834,13 +783,12 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
 
 
 def handoff(sock: Any, buf: PageBuffer) -> int:
-    """Hand the pages of ``buf`` to the process at the other end of ``sock``.
+    """Hand the pages of ``buf`` to the process at the other end of ``sock``: nothing is copied.
 
-    Unmaps ``buf`` (it is closed afterwards), seals its memfd against shrinking,
-    growing, writing and further sealing, and sends one message: data
-    ``struct.pack("=8sQ", b"pagemove", size)`` with the descriptor in
-    ``SCM_RIGHTS``.  Nothing is copied; on return this process holds neither a
-    mapping nor a descriptor of the pages.  The receiver calls ``takeover``.
+    Unmaps ``buf`` (it is closed afterwards), seals its memfd against shrinking, growing, writing and
+    further sealing, and sends one message, ``struct.pack("=8sQ", b"pagemove", size)`` with the
+    descriptor in ``SCM_RIGHTS``.  On return this process holds neither a mapping nor a descriptor of
+    the pages.  The receiver calls ``takeover``.
 
     Args:
         sock: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor.
@@ -851,13 +799,10 @@ def handoff(sock: Any, buf: PageBuffer) -> int:
 
     Raises:
         TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket.
-        ValueError: ``buf`` is closed or from ``takeover``; ``sock`` is not a
-            connected Unix stream or seqpacket socket.
-        BufferError: a memoryview of ``buf`` is exported.
-        OSError: after the unmap (``BrokenPipeError``: the peer has gone; EBUSY:
-            sealing refused), with the pages, intact, as a ``PageBuffer`` in the
-            exception's ``buffer`` (private copy-on-write once sealed).  The
-            errors above leave ``buf`` as it was.
+        ValueError: ``buf`` is closed or from ``takeover``; ``sock`` is not a connected Unix socket.
+        BufferError: a memoryview of ``buf`` is exported.  These leave ``buf`` as it was.
+        OSError: after the unmap (``BrokenPipeError``: the peer has gone; EBUSY: sealing refused),
+            with the pages, intact, as a ``PageBuffer`` in the exception's ``buffer`` attribute.
     """
     if not isinstance(buf, PageBuffer) or buf._kind == "private":
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
@@ -896,26 +841,24 @@ def handoff(sock: Any, buf: PageBuffer) -> int:
 def takeover(sock: Any) -> PageBuffer:
     """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``.
 
-    The sender's very frames, mapped private copy-on-write: reading shares them,
-    writing a page copies that page only.  ``.memfd`` is true; the buffer cannot
-    be gifted or handed off again.  Checked before anything is mapped: one
-    descriptor, a memfd sealed at least against shrinking, growing and writing,
+    The sender's very frames, mapped private copy-on-write: reading shares them, writing a page copies
+    that page only; ``.memfd`` is true and it cannot be gifted or handed off again.  Checked before
+    anything is mapped: one descriptor, a memfd sealed at least against shrinking, growing and writing,
     of the announced size; on any refusal every descriptor received is closed.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
-        PermissionError: a seal is missing: the sender could still change or
-            truncate the pages (SIGBUS in the reader).
-        ValueError: a malformed handoff (size, magic, not a memfd, zero or
-            several descriptors); ``sock`` is not a connected Unix socket.
+        PermissionError: a seal is missing: the sender could still change or truncate the pages.
+        ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
+            ``sock`` is not a connected Unix socket.
         TypeError: ``sock`` is neither a socket nor an int.
     """
     obj = _unix_socket(sock, "takeover")
     messages: list = []  # stored by list.extend from C: no descriptor escapes a signal
     try:
         data, packets = b"", obj.type == socket.SOCK_SEQPACKET
-        while len(data) < _HANDOFF_HEADER.size:  # a packet one byte longer tells of a long one
-            want = _HANDOFF_HEADER.size - len(data) + packets
+        while len(data) < _HANDOFF_HEADER.size:
+            want = _HANDOFF_HEADER.size + 1 - len(data)  # one more: a longer message shows
             messages.extend(map(obj.recvmsg, (want,), (socket.CMSG_SPACE(_MAX_FDS * 4),),
                                 (getattr(socket, "MSG_CMSG_CLOEXEC", 0),)))
             chunk, _, msg_flags, _ = messages[-1]
@@ -953,17 +896,15 @@ def _received_fds(messages: list) -> list:
 
 def _adopt_memfd(fd: int, size: int) -> PageBuffer:
     """Check a received descriptor and map it private (the caller closes ``fd``)."""
-    try:
-        is_memfd = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
-        seals = fcntl.fcntl(fd, _F_GET_SEALS)
-    except OSError:
-        is_memfd = False
-    if not is_memfd:
+    seals = -1
+    with contextlib.suppress(OSError):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+            seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    if seals < 0:
         raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
-    missing = _HANDOFF_SEALS & ~seals
-    if missing:
-        names = [name for bit, name in ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW"),
-                                        (_F_SEAL_WRITE, "F_SEAL_WRITE")) if missing & bit]
+    names = [name for bit, name in ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW"),
+                                    (_F_SEAL_WRITE, "F_SEAL_WRITE")) if not seals & bit]
+    if names:
         raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
                                            f"could still change or truncate the pages")
     actual = os.fstat(fd).st_size
@@ -983,12 +924,10 @@ class Support:
 
     Attributes:
         vmsplice: the call works here (else gift and move copy).
-        zero_copy_gift: queued pages are the writer's own (the kernel took
-            references, no copy); None: not checked.
-        move: the reader received the very page gifted (True), a copy (False),
-            or could not tell (None: page frame numbers hidden).
-        handoff: a sealed memfd handed over a Unix socket works here (True), does
-            not (False, see ``reason``), or could not be tried (None).
+        zero_copy_gift: queued pages are the writer's own (referenced, not copied); None: unchecked.
+        move: the reader got the very page gifted (True), a copy (False), or unknown (None: frame
+            numbers hidden).
+        handoff: a sealed memfd over a Unix socket works (True), does not (False), or untried (None).
         huge_pages: transparent huge pages: always, madvise, never or unavailable.
         pipe_max_size: /proc/sys/fs/pipe-max-size, or None where unreadable.
         kernel: the kernel release string.
@@ -1018,15 +957,12 @@ _probe_cache: Support | None = None
 
 
 def probe(refresh: bool = False) -> Support:
-    """Observe what this kernel does; return a ``Support`` (cached;
-    ``refresh=True`` measures again).
+    """Observe what this kernel does; return a ``Support`` (cached; ``refresh=True`` looks again).
 
-    It queues a page and changes it (zero-copy gift), compares page frame numbers
-    in ``/proc/self/pagemap`` across a gift and move (move; hidden without
-    CAP_SYS_ADMIN), hands a memfd page to itself over a socket pair (handoff), and
-    reads the THP mode, pipe-max-size and kernel release.  It never infers from a
-    version number, leaves nothing behind, and raises nothing for what the
-    system lacks: that is what ``reason`` is for.
+    It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
+    across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself (handoff), and
+    reads THP, pipe-max-size and the kernel release.  It never infers from a version number, leaves
+    nothing behind, and raises nothing for what the system lacks: ``reason`` says.
     """
     global _probe_cache
     with _probe_lock:
@@ -1042,7 +978,7 @@ def _observe() -> Support:
     mode = _thp_mode("enabled")
     notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
                  else "Transparent huge pages are unavailable.")
-    max_size = _pipe_max_size()
+    max_size = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) or None
     if max_size:
         notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
     return Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
@@ -1060,19 +996,18 @@ def _frame(buf: PageBuffer, offset: int = 0) -> int:
 
 
 def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
-    if _vmsplice_fn is None:
-        notes.append("The C library has no vmsplice function, so gift and move copy.")
-        return False, None, None
     r, w = os.pipe()
     try:
         with PageBuffer(PAGE_SIZE) as src, PageBuffer(PAGE_SIZE) as dst:
             src[:8] = b"original"
+            if _vmsplice_fn is None:
+                notes.append("The C library has no vmsplice function, so gift and move copy.")
+                return False, None, None
             if _vmsplice_fn(w, _pack_iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK) < 0:
                 err = ctypes.get_errno()
-                why = {errno.ENOSYS: "the kernel or a sandbox does not implement it",
-                       errno.EPERM: "a security policy (seccomp) refuses it"}.get(err, os.strerror(err))
-                notes.append(f"vmsplice fails with {errno.errorcode.get(err, err)}: {why}; "
-                             f"gift and move copy.")
+                why = {errno.ENOSYS: "not implemented here", errno.EPERM: "a seccomp policy refuses it"}
+                notes.append(f"vmsplice fails with {errno.errorcode.get(err, err)}: "
+                             f"{why.get(err, os.strerror(err))}; gift and move copy.")
                 return False, None, None
             src[:8] = b"changed!"  # queued and not dropped: does the pipe see the change?
             zero_copy = os.read(r, PAGE_SIZE) == b"changed!" + bytes(PAGE_SIZE - 8)
@@ -1222,8 +1157,7 @@ def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
 
 
 def _status(fd: int) -> bytes:
-    """The writer's next message on its status socket; its error raised here."""
-    data = os.read(fd, 1 << 16)
+    data = os.read(fd, 1 << 16)  # the writer's next message; its error raised here
     if data[:1] in (b"", b"E"):
         raise RuntimeError(f"the writer process failed: {data[1:].decode() or 'it ended without a word'}")
     return data
@@ -1270,9 +1204,8 @@ def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None,
 def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader_huge: bool | None = None,
              label: str = "", watch: Any = lambda stage, dst: {}) -> dict:
     """Bring ``size`` bytes a child fills in ``PageBuffer(size, huge=huge)`` here by ``how`` ("gift",
-    "plain": write and readv, "handoff") into ``PageBuffer(size, huge=reader_huge)``; check every byte.
-    ``watch(stage, dst)`` runs before the go ("go"; ``dst`` None for a handoff) and after the data came
-    ("here"; what it returns is kept)."""
+    "plain", "handoff") into ``PageBuffer(size, huge=reader_huge)``; check every byte.  ``watch(stage,
+    dst)`` runs before the go ("go"; ``dst`` None for a handoff) and when the data came ("here")."""
     with _writer_child(_migrate_writer, size, how, huge, seed) as (r, status):
         dst = None if how == "handoff" else PageBuffer(size, huge=reader_huge)  # after the fork: not shared
         _status(status)  # "R": the writer has filled its region
