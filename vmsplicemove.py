@@ -119,12 +119,9 @@ _madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size,
 
 
 class _PyBuffer(ctypes.Structure):  # Py_buffer: the buffer protocol's view of an object
-    _fields_ = [
-        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
-    ]
+    _fields_ = [("buf", _c_ptr), ("obj", _c_ptr), ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                ("readonly", _c_int), ("ndim", _c_int), ("format", ctypes.c_char_p), ("shape", _c_ptr),
+                ("strides", _c_ptr), ("suboffsets", _c_ptr), ("internal", _c_ptr)]
 
 
 _pythonapi = ctypes.PyDLL(None)  # our own handle: ctypes.pythonapi's argtypes are everyone's
@@ -304,8 +301,7 @@ def _zero_pages(address: int, length: int) -> None:
     """Replace the pages at ``address`` with fresh private zero pages."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED: replace, atomically
     if _mmap_fn(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0) != address:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap over the discarded range failed: {os.strerror(err)}")
+        raise OSError(ctypes.get_errno(), "mmap over the discarded range failed")
 
 
 def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
