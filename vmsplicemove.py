@@ -825,6 +825,7 @@ def handoff(sock: Any, buf: PageBuffer) -> int:
         except BaseException as exc:
             rescued = PageBuffer._map(fd, size, "sealed" if sealed else "memfd")
             rescued._fd = fd
+            rescued.madvise(_MADV_DONTFORK)
             exc.buffer = rescued  # type: ignore[attr-defined]
             raise
         os.close(fd)
