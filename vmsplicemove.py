@@ -37,6 +37,7 @@ import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import io
 import mmap
 import operator
 import os
@@ -190,10 +191,10 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         OSError: the system refuses the memory, or memfd (not Linux, seccomp).
     """
 
-    __slots__ = ("_address", "_fd", "_huge", "_kind")
+    __slots__ = ("_address", "_huge", "_kind", "_memfd")
     _address: int
     _huge: bool
-    _fd: int  # the memfd of a memfd=True buffer, else -1
+    _memfd: io.FileIO | None  # the memfd: closed with the buffer, or, in C, when it is freed
     _kind: str  # "private", "memfd", or "sealed" (received by takeover)
 
     def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
@@ -210,13 +211,9 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         if not memfd:
             self = cls._map(-1, rounded, "private")
         else:
-            fd = _new_memfd(rounded)
-            try:
-                self = cls._map(fd, rounded, "memfd")
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
+            file = io.FileIO(_new_memfd(rounded), "r+")  # closes the memfd when freed, in C
+            self = cls._map(file.fileno(), rounded, "memfd")
+            self._memfd = file
             self.madvise(_MADV_DONTFORK)  # a child's writable mapping would block F_SEAL_WRITE
         self._huge = bool(huge)
         if huge:
@@ -232,7 +229,7 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
             flags |= mmap.MAP_ANONYMOUS
         self = super().__new__(cls, fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._address = _address_of(memoryview(self))
-        self._huge, self._fd, self._kind = False, -1, kind
+        self._huge, self._memfd, self._kind = False, None, kind
         return self
 
     @property
@@ -256,12 +253,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     def close(self) -> None:
         """Unmap the pages (and close the memfd); ``BufferError`` while exported."""
         super().close()
-        self.__del__()
-
-    def __del__(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
+        if self._memfd is not None:
+            self._memfd.close()
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
@@ -797,8 +790,9 @@ def handoff(sock: Any, buf: PageBuffer) -> int:
         TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket.
         ValueError: ``buf`` is closed or from ``takeover``; ``sock`` is not a connected Unix socket.
         BufferError: a memoryview of ``buf`` is exported.  These leave ``buf`` as it was.
-        OSError: after the unmap (``BrokenPipeError``: the peer has gone; EBUSY: sealing refused),
-            with the pages, intact, as a ``PageBuffer`` in the exception's ``buffer`` attribute.
+        OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (sealing refused).  Any exception
+            after the unmap, a signal handler's included, carries ``transferred`` (``len(buf)`` if
+            the pages went, else 0) and ``buffer``: unsent, the pages (a private view), else None.
     """
     if not isinstance(buf, PageBuffer) or buf._kind == "private":
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
@@ -809,27 +803,28 @@ def handoff(sock: Any, buf: PageBuffer) -> int:
         raise ValueError("handoff: these pages are sealed (received by takeover, or kept from a failed "
                          "handoff): copy them into a new PageBuffer(size, memfd=True) to send them on")
     obj = _unix_socket(sock, "handoff")
+    size, fd, sent = len(buf), buf._memfd.fileno(), [0][:0]  # type: ignore[union-attr]
+    # The pages' way back, mapped before anything changes: a private view does not stop F_SEAL_WRITE.
+    rescue = PageBuffer._map(fd, size, "sealed")
     try:
-        size, fd = len(buf), buf._fd
         mmap.mmap.close(buf)  # BufferError while exported: nothing has changed yet
-        buf._fd = -1
-        sealed = False
-        try:
-            fcntl.fcntl(fd, _F_ADD_SEALS, _HANDOFF_SEALS | _F_SEAL_SEAL)
-            sealed = True
-            sent = obj.sendmsg([_HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size)],
-                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
-                               socket.MSG_NOSIGNAL)
-            if sent != _HANDOFF_HEADER.size:
-                raise OSError(errno.EIO, f"handoff: sent {sent} of {_HANDOFF_HEADER.size} bytes")
-        except BaseException as exc:
-            rescued = PageBuffer._map(fd, size, "sealed" if sealed else "memfd")
-            rescued._fd = fd
-            rescued.madvise(_MADV_DONTFORK)
-            exc.buffer = rescued  # type: ignore[attr-defined]
-            raise
-        os.close(fd)
+        buf._memfd, rescue._memfd = None, buf._memfd  # the descriptor goes with the view
+        fcntl.fcntl(fd, _F_ADD_SEALS, _HANDOFF_SEALS | _F_SEAL_SEAL)
+        header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", fd)
+        sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
+                        (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
+        if sent[0] != _HANDOFF_HEADER.size:
+            raise OSError(errno.EIO, f"handoff: sent {sent[0]} of {_HANDOFF_HEADER.size} bytes")
+        rescue.close()  # unmaps the view, closes the descriptor
         return size
+    except BaseException as exc:  # calls nothing before the pages are placed (see "Signals")
+        if buf.closed and buf._memfd is not None:
+            buf._memfd, rescue._memfd = None, buf._memfd
+        exc.transferred = size if sent else 0  # type: ignore[attr-defined]
+        exc.buffer = None if sent or not buf.closed else rescue  # type: ignore[attr-defined]
+        if exc.buffer is None:  # type: ignore[attr-defined]
+            rescue.close()
+        raise
     finally:
         if obj is not sock:
             obj.detach()
