@@ -2862,3 +2862,66 @@ def test_import_on_python_older_than_3_9_raises_import_error(version):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
     assert "3.9" in done.stdout, done.stdout
+
+
+# handoff under the same storm (found by an independent attack): whatever interrupts it, the pages
+# are either delivered (``transferred`` == the size, no ``buffer``) or come back intact in
+# ``buffer`` (``transferred`` 0) -- never lost, never both.
+def _handoff_storm(seed, count):
+    rng = random.Random(seed)
+    armed = [False]
+
+    def handler(signum, frame):
+        while armed[0] and frame is not None:
+            if frame.f_code.co_filename == vm.__file__:
+                raise KeyboardInterrupt
+            frame = frame.f_back
+
+    signal.signal(signal.SIGALRM, handler)
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    receiver.setblocking(False)
+    outcomes = {"delivered": 0, "returned": 0, "given back": 0, "bad": []}
+    for i in range(count):  # a handoff takes longer than a tick: a slower storm, re-armed each time
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 3e-4), 2e-4)
+        buf = vm.PageBuffer(PAGE, memfd=True)
+        buf[:8] = struct.pack("<Q", i)
+        exc = None
+        try:
+            armed[0] = True
+            vm.handoff(sender, buf)
+        except KeyboardInterrupt as caught:
+            exc = caught
+        finally:
+            armed[0] = False
+        try:
+            got = vm.takeover(receiver)
+            arrived = got[:8] == struct.pack("<Q", i)
+            got.close()
+        except BlockingIOError:
+            arrived = False
+        back = getattr(exc, "buffer", None)
+        if exc is None:
+            outcomes["returned"] += 1
+            ok = arrived
+        elif arrived:
+            outcomes["delivered"] += 1
+            ok = back is None and getattr(exc, "transferred", None) in (PAGE, None)
+        else:
+            outcomes["given back"] += back is not None
+            ok = (back is not None and back[:8] == struct.pack("<Q", i)) or not buf.closed or (
+                not _COUNT_ALWAYS_ATTACHED and getattr(exc, "buffer", "missing") == "missing")
+        if back is not None:
+            back.close()
+        if not ok:
+            outcomes["bad"].append((i, type(exc).__name__, arrived, buf.closed, back is not None))
+        buf.close()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    return outcomes
+
+
+def test_handoff_under_a_signal_storm_never_loses_or_doubles_the_pages(soak):
+    seed = _storm_seed()
+    outcomes = _isolated(_handoff_storm, seed, 20000 if soak else 1500, timeout=600 if soak else 60)
+    assert not outcomes["bad"], f"seed {seed}: {outcomes}"
+    hit = outcomes["given back"] + outcomes["delivered"]
+    assert hit > 0, f"seed {seed}: the storm hit nothing {outcomes}"
