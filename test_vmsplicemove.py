@@ -1656,7 +1656,7 @@ def test_cli_demo_shows_gift_plain_and_handoff_runs():
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("size", ["4K", "64K"])
+@pytest.mark.parametrize("size", ["4K", "64K", "512K", "2052K"])  # below and around a huge page
 def test_cli_demo_small_sizes(size):
     done = run_cli("demo", "--size", size, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -1673,8 +1673,9 @@ def test_cli_bad_arguments_exit_2_without_a_traceback(args):
     assert done.stderr.strip(), "no message"
 
 
-def test_cli_demo_too_large_to_map_fails_in_one_line():
-    done = run_cli("demo", "--size", "1e30", timeout=60)
+@pytest.mark.parametrize("size", ["1e30", "4096G"])
+def test_cli_demo_too_large_to_map_fails_in_one_line(size):
+    done = run_cli("demo", "--size", size, timeout=60)
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
