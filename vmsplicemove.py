@@ -566,7 +566,6 @@ def _counted(steps: Any, fd: int, buf: Any, start: int, length: int, flags: int)
 
 def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
     """gift's loop: queue ``length`` bytes at ``address`` step by step."""
-    global _use_vmsplice
     vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_GIFT | SPLICE_F_MOVE
@@ -594,15 +593,22 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
                 continue
             err = ctypes.get_errno()
             if vmsplicing and err in _REFUSED:
-                _use_vmsplice = vmsplicing = False  # for this call and the whole process
-                _pipe_access(fd, "gift", os.O_WRONLY, fifo=True)
-                out = _fallback_end(fd, os.O_WRONLY, nonblock)
+                vmsplicing, out = False, _copy_from_now_on(fd, "gift", os.O_WRONLY, nonblock)
             elif not _after_error(err, fd, "gift", tally[0][0], nonblock):
                 break
         return tally[0][0]
     finally:
         if out != fd:
             os.close(out)
+
+
+def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
+    """vmsplice was refused (ENOSYS, EPERM): copy from now on, in this call and the whole process;
+    return the descriptor to copy through."""
+    global _use_vmsplice
+    _use_vmsplice = False
+    _pipe_access(fd, call, access, fifo=True)
+    return _fallback_end(fd, access, nonblock)
 
 
 def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
@@ -664,7 +670,6 @@ def _writable_size(buf: Any) -> int:
 
 def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
     """move's loop: receive up to ``length`` bytes at ``address`` step by step."""
-    global _use_vmsplice
     vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_MOVE
@@ -686,9 +691,7 @@ def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
                 continue
             err = ctypes.get_errno()
             if vmsplicing and err in _REFUSED:
-                _use_vmsplice = vmsplicing = False  # for this call and the whole process
-                _pipe_access(fd, "move", os.O_RDONLY, fifo=True)
-                source = _fallback_end(fd, os.O_RDONLY, nonblock)
+                vmsplicing, source = False, _copy_from_now_on(fd, "move", os.O_RDONLY, nonblock)
             elif not _after_error(err, fd, "move", tally[0][0], nonblock):
                 break
         return tally[0][0]
