@@ -1200,15 +1200,16 @@ def _hostile_tmpfs(size, data):
     if not os.path.isdir("/dev/shm"):
         raise Unavailable("no /dev/shm")
     path = f"/dev/shm/memfd:hostile-{os.getpid()}"  # named to look like one
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    os.unlink(path)
-    os.ftruncate(fd, size)
-    os.pwrite(fd, data, 0)
-    return [fd], [fd]
+    return _unlinked_file(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
+                          path, size, data)
 
 
 def _hostile_file(size, data):
-    fd, path = tempfile.mkstemp()
+    return _unlinked_file(*tempfile.mkstemp(), size, data)
+
+
+def _unlinked_file(fd, path, size, data):
+    """A file of ``size`` bytes starting with ``data``, with no name: what the sender sends."""
     os.unlink(path)
     os.ftruncate(fd, size)
     os.pwrite(fd, data, 0)

@@ -1123,7 +1123,7 @@ def _mismatch(buf: Any, seed: int, length: int) -> int | None:
 def _resident(buf: PageBuffer) -> int:
     """Bytes of ``buf`` resident in memory now (mincore(2)), -1 if unknown."""
     vec = (ctypes.c_ubyte * (len(buf) // PAGE_SIZE))()
-    failed = ctypes.CDLL(None).mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(len(buf)), vec)
+    failed = _libc.mincore(ctypes.c_void_p(buf.address), ctypes.c_size_t(len(buf)), vec)
     return -1 if failed else sum(v & 1 for v in bytes(vec)) * PAGE_SIZE
 
 
