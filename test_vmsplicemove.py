@@ -1092,15 +1092,29 @@ def test_memfd_pagebuffer_move_into_it_and_discard(pipe_fds):
         assert buf[:] == bytes(4 * PAGE)
 
 
-def test_memfd_pagebuffer_is_not_inherited_by_a_forked_child():
+def test_a_forked_child_reads_a_memfd_buffer_and_the_parent_can_still_hand_it_off():
+    """A child forked while a memfd buffer exists (multiprocessing's fork does this) reads the data
+    through a private view and never crashes; the parent can seal and send the pages meanwhile."""
     buf, data = filled_memfd_buffer(2 * PAGE, 45)
 
     def look():
-        return maps_line(buf.address)
+        seen = bytes(buf[:])
+        buf[:5] = b"child"  # the child's own copy of that page
+        refused = ""
+        a, _ = unix_pair()
+        try:
+            vm.handoff(a, buf)
+        except ValueError as exc:
+            refused = str(exc)
+        return seen, maps_line(buf.address).split()[1], bytes(buf[:5]), refused, buf.closed
 
-    assert in_child(look) is None  # MADV_DONTFORK
+    seen, perms, written, refused, closed = in_child(look)
+    assert seen == data and perms == "rw-p" and written == b"child" and not closed
+    assert "fork" in refused
+    assert buf[:] == data, "the child's write reached the parent"
     go_r, go_w = os.pipe()
-    pid = start_child(os.read, go_r, 1, close=[go_w])  # a child alive during the handoff
+    pid = start_child(lambda: (os.read(go_r, 1), bytes(buf[:PAGE]) == data[:PAGE] or os._exit(3)),
+                      close=[go_w])  # a child alive during the handoff, reading
     os.close(go_r)
     a, b = unix_pair()
     try:

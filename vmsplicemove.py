@@ -30,6 +30,7 @@ Standard library only; CPython 3.9 or later.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import ctypes
@@ -37,7 +38,9 @@ import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import functools
 import io
+import itertools
 import mmap
 import operator
 import os
@@ -48,6 +51,7 @@ import struct
 import sys
 import termios
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +88,7 @@ _MADV_DONTNEED = 4  # Linux: private anonymous pages are freed and read back as 
 _MADV_REMOVE = 9  # shared memory: the pages are freed and read back as zeros
 _MADV_DONTFORK = 10
 _MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25  # Linux 6.1: make huge pages now, whatever the THP settings say
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
@@ -113,6 +118,7 @@ _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_siz
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
+_munmap_fn = _bind(_libc, "munmap", _c_int, _c_ptr, _c_size)
 # madvise through a second handle without use_errno: called right after vmsplice, it must not
 # overwrite the errno that ctypes saved for vmsplice.
 _madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size, _c_int)
@@ -135,9 +141,13 @@ def _address_of(view: memoryview) -> int:
     """The address of a contiguous ``view``'s bytes, read-only too (ctypes' API has it for writable
     ones only).  ``view`` keeps the object exported, so that it cannot be closed or resized."""
     raw = _PyBuffer()
-    _GetBuffer(view, raw, 0)  # PyBUF_SIMPLE: BufferError unless contiguous
-    _ReleaseBuffer(raw)
+    # One C step: acquired and released at once (a handler raising in between would leave it exported).
+    _run(map(_ReleaseBuffer, itertools.compress((raw,), map(operator.not_, map(_GetBuffer, (view,), (raw,),
+                                                                                   (0,))))))  # PyBUF_SIMPLE
     return raw.buf or 0
+
+
+_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
 
 
 # ---------------------------------------------------------------------------
@@ -170,91 +180,115 @@ class _OwnHelp(type):
         return sorted(vars(cls))
 
 
+# Who owns what.  A descriptor or a mapping held as a bare int would leak if a signal handler raised
+# before it reached its owner, so each is born inside an object that releases it in C when freed:
+# a mapping inside its mmap object, a descriptor inside an epoll object (``epoll.fromfd`` adopts any
+# descriptor and closes it, silently, when freed; no other standard type does both), made by one C
+# step from the call that returns it.  Exception handlers then only drop references.
+_own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
+_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_shared_buffers: Any = weakref.WeakSet()  # the buffers mapped shared: a fork's child gets views (_after_fork)
+
+
 class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     """Page-aligned memory for ``gift`` and ``handoff``: an ``mmap.mmap``.
 
     ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded up to whole pages.
-    ``huge=True`` rounds up to whole transparent huge pages and advises ``MADV_HUGEPAGE`` (where THP
-    exists); ``None``: huge pages exactly when ``size`` is whole huge pages and THP is not ``never``.
+    ``huge=True`` rounds up to whole transparent huge pages and asks for huge pages where the kernel
+    can give them; ``None``: huge pages exactly when ``size`` is whole huge pages and the kernel can
+    give this memory huge pages; ``.huge`` says what it got.
     ``memfd=False``: private anonymous memory, what ``gift`` needs (dropping a *private* page detaches
     it from this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
-    ``memfd=True``: a sealable memfd's pages, mapped shared, not inherited by a fork: for ``handoff``.
+    ``memfd=True``: a sealable memfd's pages, mapped shared: for ``handoff``.  A forked child sees a
+    private copy-on-write view of them (it reads the data; the parent can still seal and send them).
 
     A writable bytes-like object (``len()``, slicing, ``memoryview``, ``os.readv``...) that keeps
-    ``mmap``'s ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; ``resize`` and ``move``
-    (mmap's memmove) raise ``TypeError``.  ``close()`` while exported raises ``BufferError``; any use
-    after close raises ``ValueError``.
+    ``mmap``'s ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; the mapping never moves
+    (it is mapped copy-on-write as far as ``mmap`` knows, which refuses ``resize``).  ``close()`` while
+    exported raises ``BufferError``; any use after close raises ``ValueError``.
 
     Raises:
         TypeError: ``size`` is not an int.
         ValueError: ``size`` is not positive, or too large to map.
-        OSError: the system refuses the memory, or memfd (not Linux, seccomp).
+        OSError: the system refuses the memory, or memfd (not Linux, seccomp, no free descriptor).
     """
 
-    __slots__ = ("_address", "_huge", "_kind", "_memfd")
-    _address: int
+    __slots__ = ("_huge", "_kind", "_memfd")
     _huge: bool
-    _memfd: io.FileIO | None  # the memfd: closed with the buffer, or, in C, when it is freed
-    _kind: str  # "private", "memfd", or "sealed" (received by takeover)
+    _memfd: Any  # the memfd's owner (see "Who owns what"), or None
+    # "private": anonymous memory; "memfd": a memfd mapped shared (it can be handed off); "view": a
+    # memfd mapped private copy-on-write (a sealed takeover, a failed handoff's pages, a fork's child).
+    _kind: str
 
     def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
         _check_int("size", size)
         if size <= 0:
             raise ValueError(f"size must be positive, not {size}")
+        advice = _huge_advice(memfd)
         if huge is None:
-            mode = _thp_mode("shmem_enabled" if memfd else "enabled")
-            huge = size % _HUGE_PAGE_SIZE == 0 and mode not in ("never", "deny", "unavailable")
+            huge = size % _HUGE_PAGE_SIZE == 0 and advice is not None
         unit = _HUGE_PAGE_SIZE if huge else PAGE_SIZE
         rounded = -(-size // unit) * unit
         if rounded > sys.maxsize:
             raise ValueError(f"size {size} is larger than any mapping can be")
-        if not memfd:
-            self = cls._map(-1, rounded, "private")
-        else:
-            file = io.FileIO(_new_memfd(rounded), "r+")  # closes the memfd when freed, in C
-            self = cls._map(file.fileno(), rounded, "memfd")
-            self._memfd = file
-            self.madvise(_MADV_DONTFORK)  # a child's writable mapping would block F_SEAL_WRITE
-        self._huge = bool(huge)
-        if huge:
-            with contextlib.suppress(OSError):  # THP not built in: plain pages, silently
-                self.madvise(_MADV_HUGEPAGE)
+        self = cls._placeholder(rounded)
+        if memfd:
+            self._adopt(_new_memfd(rounded), "memfd")
+        if huge:  # private memory: huge means chosen (THP mode never: advised all the same)
+            self._huge = _make_huge(self, advice or _MADV_HUGEPAGE) if advice or not memfd else False
         return self
 
     @classmethod
-    def _map(cls, fd: int, size: int, kind: str) -> PageBuffer:
-        """Map ``size`` bytes: anonymous (fd -1), a memfd shared, a sealed memfd private (COW)."""
-        flags = mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE
-        if fd < 0:
-            flags |= mmap.MAP_ANONYMOUS
-        self = super().__new__(cls, fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._address = _address_of(memoryview(self))
-        self._huge, self._memfd, self._kind = False, None, kind
+    def _placeholder(cls, size: int) -> PageBuffer:
+        """``size`` bytes of private anonymous memory.  Linux 6.7+ starts a mapping of whole huge pages
+        on a huge-page boundary, which ``_adopt`` keeps: a memfd mapped there faults huge pages."""
+        self = super().__new__(cls, -1, size, access=mmap.ACCESS_COPY)
+        self._huge, self._memfd, self._kind = False, None, "private"
         return self
+
+    def _adopt(self, memfd: Any, kind: str) -> None:
+        """Map ``memfd`` (an owner) over this buffer's range, shared ("memfd") or private ("view")."""
+        flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
+        address = self.address
+        if _mmap_fn(address, len(self), _RW, flags, memfd.fileno(), 0) != address:
+            raise OSError(ctypes.get_errno(), f"mmap of the memfd failed: {os.strerror(ctypes.get_errno())}")
+        self._memfd, self._kind = (memfd if kind == "memfd" else None), kind  # a view needs no descriptor
+        if kind == "memfd":  # a child's shared mapping would block F_SEAL_WRITE: _after_fork gives it a view
+            self.madvise(_MADV_DONTFORK)
+            _shared_buffers.add(self)
 
     @property
     def address(self) -> int:
         """The start address of the mapping, a multiple of ``PAGE_SIZE``."""
-        _page_range(self, 0, 0, aligned=False)  # ValueError when closed
-        return self._address
+        return ctypes.addressof(_Pin.from_buffer(self))  # ValueError when closed
 
     size = property(len, doc="The mapped size in bytes: the requested size rounded up.")
-    huge = property(lambda self: self._huge, doc="Whether huge pages were chosen.")
+    huge = property(lambda self: self._huge, doc="Whether the memory got huge pages.")
     memfd = property(lambda self: self._kind != "private",
                      doc="Whether the pages live in a memfd (``memfd=True``, or from ``takeover``).")
 
     def resize(self, newsize: int) -> None:
+        """Refused (``TypeError``): the pages must stay where ``address`` says."""
         raise TypeError("a PageBuffer cannot be resized: its address would change")
 
     def move(self, dest: int, src: int, count: int) -> None:
+        """Refused (``TypeError``): to receive from a pipe, call ``vmsplicemove.move(fd, buf)``."""
         raise TypeError("PageBuffer.move is mmap's memmove: write buf[a:b] = buf[c:d] instead; "
                         "to receive from a pipe, call vmsplicemove.move(fd, buf)")
 
     def close(self) -> None:
-        """Unmap the pages (and close the memfd); ``BufferError`` while exported."""
-        super().close()
-        if self._memfd is not None:
-            self._memfd.close()
+        """Unmap the pages (and let go of the memfd); ``BufferError`` while exported."""
+        try:
+            super().close()
+        except BufferError:
+            raise BufferError("the PageBuffer is still exported: release every memoryview of it "
+                              "(view.release(), or leave its with block) before closing it") from None
+        self._memfd = None  # the memfd closes with its last owner
+
+    def __exit__(self, *exc_info: Any) -> None:  # mmap's own would skip close() above
+        self.close()
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
@@ -266,34 +300,76 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
             return
         if self._kind == "memfd":
             self.madvise(_MADV_REMOVE, start, stop - start)
-        elif self._kind == "sealed":  # the memfd cannot change: map fresh zero pages over it
-            _zero_pages(self._address + start, stop - start)
+        elif self._kind == "view":  # the memfd is not ours to change: map fresh zero pages over it
+            pin = _Pin.from_buffer(self)  # the range cannot be unmapped meanwhile
+            _zero_pages(ctypes.addressof(pin) + start, stop - start)
         else:
             self.madvise((_MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED), start, stop - start)
 
     def __repr__(self) -> str:
         return "<PageBuffer closed>" if self.closed else \
-            f"<PageBuffer size={len(self)} address={self._address:#x} huge={self._huge} memfd={self.memfd}>"
+            f"<PageBuffer size={len(self)} address={self.address:#x} huge={self._huge} memfd={self.memfd}>"
 
 
-def _new_memfd(size: int) -> int:
+_Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
+
+
+def _after_fork() -> None:
+    """In a forked child: every shared buffer (absent here: MADV_DONTFORK) becomes a private
+    copy-on-write view of its memfd at the same address, which does not block the parent's seals."""
+    for buf in list(_shared_buffers):
+        if buf.closed:
+            continue
+        address, size = ctypes.addressof(_Pin.from_buffer(buf)), len(buf)
+        got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED_NOREPLACE, buf._memfd.fileno(), 0)
+        if got not in (address, _MAP_FAILED):  # before Linux 4.17 the flag is a hint: the range is free
+            _munmap_fn(got, size)
+            got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, buf._memfd.fileno(), 0)
+        buf._kind = "view"
+    _shared_buffers.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _huge_advice(memfd: bool) -> int | None:
+    """How this kind of memory gets huge pages here: MADV_HUGEPAGE, MADV_COLLAPSE (a memfd where
+    shmem THP is ``never``: Linux 6.1+ collapses it all the same), or None (THP is off or ``deny``)."""
+    if not memfd:
+        return None if _thp_mode("enabled") in ("never", "unavailable") else _MADV_HUGEPAGE
+    mode = _thp_mode("shmem_enabled")
+    return None if mode in ("deny", "unavailable") else _MADV_COLLAPSE if mode == "never" else _MADV_HUGEPAGE
+
+
+def _make_huge(buf: PageBuffer, advice: int) -> bool:
+    """Ask for huge pages; whether the memory got them (MADV_HUGEPAGE: will, at first touch)."""
     try:
-        fd = os.memfd_create("vmsplicemove", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except (OSError, AttributeError) as exc:  # AttributeError: not Linux
+        if advice == _MADV_COLLAPSE:  # it collapses what is there: one written byte per huge page
+            for pos in range(0, len(buf), _HUGE_PAGE_SIZE):
+                buf[pos] = 0
+        buf.madvise(advice)
+        return True
+    except OSError:  # refused (PR_SET_THP_DISABLE, MADV_NOHUGEPAGE), no memory, not built in: plain pages
+        return False
+
+
+def _new_memfd(size: int) -> Any:
+    """A new sealable memfd of ``size`` bytes, in its owner (see "Who owns what")."""
+    owner: list = []
+    try:
+        owner.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove",),
+                                      (os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,))))  # one C step
+    except (OSError, AttributeError, TypeError) as exc:  # AttributeError, TypeError: not Linux
         raise OSError(getattr(exc, "errno", None) or errno.ENOSYS, f"memfd_create failed ({exc}): "
                       f"not Linux, or a sandbox (seccomp) refuses it; handoff is not possible") from None
-    try:
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    os.ftruncate(owner[0].fileno(), size)
+    return owner[0]
 
 
 def _zero_pages(address: int, length: int) -> None:
     """Replace the pages at ``address`` with fresh private zero pages."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED: replace, atomically
-    if _mmap_fn(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0) != address:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED  # replace, atomically
+    if _mmap_fn(address, length, _RW, flags, -1, 0) != address:
         raise OSError(ctypes.get_errno(), "mmap over the discarded range failed")
 
 
@@ -446,7 +522,6 @@ _use_vmsplice = _vmsplice_fn is not None
 _REFUSED = (errno.ENOSYS, errno.EPERM)
 _ZERO, _ONE = (0,), (1,)
 _WHOLE_PAGES = (~_PAGE_MASK,)
-_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
 
 
 with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _page:
@@ -486,7 +561,8 @@ def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> boo
 
 def _is_locked(buf: PageBuffer) -> bool:
     """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps)."""
-    start, stop, inside = buf._address, buf._address + len(buf), False
+    start, inside = buf.address, False
+    stop = start + len(buf)
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(" ", 1)[0]
@@ -549,8 +625,8 @@ def _counted(steps: Any, fd: int, buf: Any, start: int, length: int, flags: int)
     tally: list = [(0, {})]  # (bytes so far, the running step's result once stored), replaced whole
     try:
         try:
-            pin = memoryview(buf)
-            address = buf._address if isinstance(buf, PageBuffer) else _address_of(pin)
+            pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
+            address = ctypes.addressof(pin)
             return steps(fd, address + start, length, flags, tally)
         except BaseException as exc:
             done, pending = tally[0]
@@ -734,112 +810,156 @@ def pipe(size: int | None = None) -> tuple[int, int]:
 #
 # Mainline never moves pages through a pipe, but a memfd passed over a Unix socket (SCM_RIGHTS) lets
 # the receiver map the very same page frames.  The seals make the kernel, not a promise, guarantee
-# that nobody changes or truncates them afterwards: F_SEAL_WRITE is refused while any writable
-# shared mapping exists (mm/memfd.c), which is why the sender unmaps first.
+# what the receiver relies on: F_SEAL_SHRINK and F_SEAL_GROW that the size never changes (no SIGBUS),
+# F_SEAL_WRITE that the pages never change, which the kernel refuses while any writable shared
+# mapping exists (mm/memfd.c): so the sender unmaps first.
+#
+# The memfd's states in ``handoff``, and who owns it in each:
+#   untouched  ``buf`` maps it and owns it;
+#   unmapped   ``buf`` is closed; ``rescue``, a mapping made before anything changed, holds the pages
+#              and the memfd, so that any exception can give them back (``exc.buffer``);
+#   sealed     the kernel now refuses what the seals forbid;
+#   sent       the peer owns a descriptor of its own; ``rescue`` lets go: this process holds nothing.
+# ``socket.send_fds``/``recv_fds`` are not used: they hand back bare descriptor numbers, which leak
+# when a signal handler raises before they reach an owner.
 
 _HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
 _HANDOFF_MAGIC = b"pagemove"
+_SIZE_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW  # every handoff: the size never changes
+_F_SEAL_FUTURE_WRITE = 16
 _MAX_FDS = 253  # SCM_MAX_FD: room for every descriptor a hostile sender can attach
+_SO_PASSPIDFD, _SCM_PIDFD = 76, 4  # Linux 6.5: the sender's pidfd, in a control message of its own
+_FD_MESSAGES = {(socket.SOL_SOCKET, socket.SCM_RIGHTS), (socket.SOL_SOCKET, _SCM_PIDFD)}
+_CONTROL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4) + 2 * socket.CMSG_SPACE(16)  # + a pidfd, credentials
+_RECEIVE_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
-def _unix_socket(sock: Any, call: str) -> socket.socket:
-    """``sock`` (a socket, or a descriptor: wrapped, the caller detaches it), checked to be a
-    connected AF_UNIX stream or seqpacket socket."""
+@contextlib.contextmanager
+def _unix_socket(sock: Any, call: str) -> Any:
+    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket.  A descriptor is used
+    through a duplicate of our own, so that nothing here can close the caller's."""
+    owned: list = []
     if isinstance(sock, socket.socket):
         obj = sock
     elif isinstance(sock, int) and not isinstance(sock, bool):
         try:
-            obj = socket.socket(fileno=sock)
-        except (OSError, ValueError, OverflowError) as exc:
-            if getattr(exc, "errno", None) != errno.ENOTSOCK:
-                raise _fd_error(errno.EBADF, sock, call) from None
-            raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket") \
-                from None
+            is_socket = stat.S_ISSOCK(os.fstat(sock).st_mode)
+        except (OSError, OverflowError, ValueError):
+            raise _fd_error(errno.EBADF, sock, call) from None
+        if not is_socket:
+            raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket")
+        owned.extend(map(socket.socket, (-1,), (-1,), (-1,), map(os.dup, (sock,))))  # one C step
+        obj = owned[0]
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
-    problem = ""
-    if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
-        problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
-    elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
-        problem = "not a stream or seqpacket socket"
-    else:
-        try:
-            obj.getpeername()
-        except OSError:
-            problem = "not connected"
-    if problem:
-        if obj is not sock:
-            obj.detach()
-        raise ValueError(f"{call}: the socket is {problem}")
-    return obj
+    try:
+        problem = ""
+        if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
+            problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
+        elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+            problem = "not a stream or seqpacket socket"
+        else:
+            try:
+                obj.getpeername()
+            except OSError:
+                problem = "not connected"
+        if problem:
+            raise ValueError(f"{call}: the socket is {problem}")
+        yield obj
+    finally:
+        if owned:
+            owned.pop().close()
 
 
-def handoff(sock: Any, buf: PageBuffer) -> int:
+def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
     """Hand the pages of ``buf`` to the process at the other end of ``sock``: nothing is copied.
 
-    Unmaps ``buf`` (it is closed afterwards), seals its memfd against shrinking, growing, writing and
-    further sealing, and sends one message, ``struct.pack("=8sQ", b"pagemove", size)`` with the
-    descriptor in ``SCM_RIGHTS``.  On return this process holds neither a mapping nor a descriptor of
-    the pages.  The receiver calls ``takeover``.
+    Unmaps ``buf`` (it is closed afterwards), seals its memfd and sends one message,
+    ``struct.pack("=8sQ", b"pagemove", size)`` with the descriptor in ``SCM_RIGHTS``.  On return this
+    process holds neither a mapping nor a descriptor of the pages.  The receiver calls ``takeover``.
+    Several handoffs on one socket arrive in order, one ``takeover`` each.
 
     Args:
         sock: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor.
-        buf: a ``PageBuffer(size, memfd=True)``.
+        buf: a ``PageBuffer(size, memfd=True)``, or one that ``takeover(..., shared=True)`` returned.
+        shared: False (the default): sealed against shrinking, growing, writing and further sealing:
+            the kernel guarantees the receiver that the pages never change.  True: sealed against
+            shrinking and growing only, the pages stay writable: for a receiver that trusts this
+            process (the next version of the same program), which takes it with
+            ``takeover(sock, shared=True)`` and can hand it on again with no copy.
 
     Returns:
         ``len(buf)``.
 
     Raises:
-        TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket.
-        ValueError: ``buf`` is closed or from ``takeover``; ``sock`` is not a connected Unix socket.
+        TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket; ``shared`` no bool.
+        ValueError: ``buf`` is closed or a copy-on-write view (a sealed takeover); ``sock`` is not a
+            connected Unix socket.
         BufferError: a memoryview of ``buf`` is exported.  These leave ``buf`` as it was.
-        OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (sealing refused).  Any exception
-            after the unmap, a signal handler's included, carries ``transferred`` (``len(buf)`` if
-            the pages went, else 0) and ``buffer``: unsent, the pages (a private view), else None.
+        OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (another writable shared mapping
+            stops the seal).  Every exception, a signal handler's included, carries ``transferred``
+            (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go
+            and ``buf`` was already closed (a view; with ``shared``, writable shared memory), else None.
     """
     if not isinstance(buf, PageBuffer) or buf._kind == "private":
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
                         f"{'a private PageBuffer' if isinstance(buf, PageBuffer) else type(buf).__name__}")
+    if type(shared) is not bool:
+        raise TypeError(f"shared must be True or False, not {shared!r}")
     if buf.closed:
         raise ValueError("the PageBuffer is closed")
-    if buf._kind == "sealed":
-        raise ValueError("handoff: these pages are sealed (received by takeover, or kept from a failed "
-                         "handoff): copy them into a new PageBuffer(size, memfd=True) to send them on")
-    obj = _unix_socket(sock, "handoff")
-    size, fd, sent = len(buf), buf._memfd.fileno(), [0][:0]  # type: ignore[union-attr]
-    # The pages' way back, mapped before anything changes: a private view does not stop F_SEAL_WRITE.
-    rescue = PageBuffer._map(fd, size, "sealed")
+    if buf._kind == "view":
+        raise ValueError("handoff: these pages are a private copy-on-write view of a memfd (from a "
+                         "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
+                         "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
+    size, memfd, sent, rescue = len(buf), buf._memfd, [], None
     try:
-        mmap.mmap.close(buf)  # BufferError while exported: nothing has changed yet
-        buf._memfd, rescue._memfd = None, buf._memfd  # the descriptor goes with the view
-        fcntl.fcntl(fd, _F_ADD_SEALS, _HANDOFF_SEALS | _F_SEAL_SEAL)
-        header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", fd)
-        sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
-                        (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
-        if sent[0] != _HANDOFF_HEADER.size:
-            raise OSError(errno.EIO, f"handoff: sent {sent[0]} of {_HANDOFF_HEADER.size} bytes")
-        rescue.close()  # unmaps the view, closes the descriptor
+        with _unix_socket(sock, "handoff") as obj:
+            rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
+            rescue._adopt(memfd, "memfd" if shared else "view")
+            try:
+                mmap.mmap.close(buf)
+            except BufferError:
+                raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
+                                  "it (view.release(), or leave its with block) first") from None
+            buf._memfd = None
+            _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
+            header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
+            sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
+                            (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
+        rescue.close()
         return size
-    except BaseException as exc:  # calls nothing before the pages are placed (see "Signals")
-        if buf.closed and buf._memfd is not None:
-            buf._memfd, rescue._memfd = None, buf._memfd
+    except BaseException as exc:  # calls nothing (see "Signals"): only stores
         exc.transferred = size if sent else 0  # type: ignore[attr-defined]
-        exc.buffer = None if sent or not buf.closed else rescue  # type: ignore[attr-defined]
-        if exc.buffer is None:  # type: ignore[attr-defined]
-            rescue.close()
+        exc.buffer = rescue if buf.closed and not sent else None  # type: ignore[attr-defined]
+        rescue = memfd = None  # sent, or never unmapped: the pages are not ours to keep
         raise
-    finally:
-        if obj is not sock:
-            obj.detach()
 
 
-def takeover(sock: Any) -> PageBuffer:
-    """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``.
+def _seal(fd: int, seals: int) -> None:
+    try:
+        fcntl.fcntl(fd, _F_ADD_SEALS, seals)
+    except OSError as exc:
+        why = {errno.EBUSY: "another writable shared mapping of these pages exists (another process "
+                            "mapped the memfd, or holds it from takeover(shared=True)): end it, or hand "
+                            "off with shared=True",
+               errno.EPERM: "the memfd's seals are themselves sealed (F_SEAL_SEAL) without these: hand "
+                            "it off with shared=True"}.get(exc.errno, os.strerror(exc.errno or 0))
+        raise OSError(exc.errno, f"handoff: the kernel refuses to seal the memfd: {why}; "
+                                 f"the pages are in this exception's buffer") from None
 
-    The sender's very frames, mapped private copy-on-write: reading shares them, writing a page copies
-    that page only; ``.memfd`` is true and it cannot be gifted or handed off again.  Checked before
-    anything is mapped: one descriptor, a memfd sealed at least against shrinking, growing and writing,
-    of the announced size; on any refusal every descriptor received is closed.
+
+def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
+    """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``: the sender's very
+    frames, ``.memfd`` true, of the announced size.
+
+    A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the
+    frames, writing a page copies that page only, and it cannot be handed off again.  With ``shared``,
+    a memfd sealed only against shrinking and growing (a shared handoff) is mapped shared and
+    writable: writes land in the memfd itself, and ``handoff`` can pass it on again with no copy.
+    Checked before anything is mapped from it: exactly one descriptor, a memfd (the kernel says so, no
+    ``/proc`` needed), sealed at least against shrinking, growing and (unless ``shared``) writing, of
+    the announced size; whatever else arrives, in any control message, is closed.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
@@ -847,66 +967,127 @@ def takeover(sock: Any) -> PageBuffer:
         ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
             ``sock`` is not a connected Unix socket.
         TypeError: ``sock`` is neither a socket nor an int.
+        OSError: EMFILE: no descriptor is free to receive into (the handoff stays on the socket).
+        Any exception after the pages were mapped (a signal handler's) carries them in ``buffer``.
     """
-    obj = _unix_socket(sock, "takeover")
-    messages: list = []  # stored by list.extend from C: no descriptor escapes a signal
+    if type(shared) is not bool:
+        raise TypeError(f"shared must be True or False, not {shared!r}")
+    replies: list = []  # what recvmsg returned
+    owners: list = []  # an owner for each descriptor that came with it (see "Who owns what")
+    mapped: list = []  # mmap's answer, stored from C
+    pages = memfd = None
+    kind, address = "view", 0
     try:
-        data, packets = b"", obj.type == socket.SOCK_SEQPACKET
-        while len(data) < _HANDOFF_HEADER.size:
-            want = _HANDOFF_HEADER.size + 1 - len(data)  # one more: a longer message shows
-            messages.extend(map(obj.recvmsg, (want,), (socket.CMSG_SPACE(_MAX_FDS * 4),),
-                                (getattr(socket, "MSG_CMSG_CLOEXEC", 0),)))
-            chunk, _, msg_flags, _ = messages[-1]
-            if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                raise ValueError("takeover: a malformed handoff (truncated message or descriptors)")
-            if not chunk:
-                break
-            data += chunk
-            if packets:
-                break  # one message, whole
-        fds = _received_fds(messages)
-        if not data and not fds:
-            raise EOFError("takeover: the peer closed the socket without a handoff")
-        if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):
-            raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
-        size = _HANDOFF_HEADER.unpack(data)[1]
-        if len(fds) != 1:
-            raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(fds)}")
-        return _adopt_memfd(fds[0], size)
-    finally:
-        for fd in _received_fds(messages):
-            os.close(fd)
-        if obj is not sock:
-            obj.detach()
+        with _unix_socket(sock, "takeover") as obj:
+            pages = _placeholder_for(obj)  # mapped before the descriptor arrives: nothing can lose it
+            _reserve_descriptors(obj)
+            data = b""
+            while len(data) < _HANDOFF_HEADER.size:
+                _receive(obj, _HANDOFF_HEADER.size + 1 - len(data), replies, owners)  # one more: a
+                chunk, _, msg_flags, _ = replies[-1]  # longer message shows (a read stops at descriptors)
+                if msg_flags & socket.MSG_CTRUNC:
+                    raise ValueError("takeover: a handoff whose descriptors did not all arrive (MSG_CTRUNC): "
+                                     f"more than {_MAX_FDS}, or no descriptor free (EMFILE)")
+                if msg_flags & socket.MSG_TRUNC:
+                    raise ValueError("takeover: a malformed handoff (a longer message)")
+                data += chunk
+                if not chunk or obj.type == socket.SOCK_SEQPACKET:
+                    break  # the end, or one whole message
+            if not data and not owners:
+                raise EOFError("takeover: the peer closed the socket without a handoff")
+            if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):
+                raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
+            size = _HANDOFF_HEADER.unpack(data)[1]
+            if len(owners) != 1:
+                raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(owners)}")
+            memfd, kind = owners[0], _memfd_kind(owners[0].fileno(), size, shared)
+            if pages is None or len(pages) != size:
+                pages = PageBuffer._placeholder(size)  # a header in pieces: no earlier look at the size
+            address = pages.address
+            flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
+            mapped.extend(map(_mmap_fn, (address,), (size,), (_RW,), (flags,), (memfd.fileno(),), (0,)))
+            if mapped[0] != address:
+                raise OSError(ctypes.get_errno(), f"takeover: mmap failed: {os.strerror(ctypes.get_errno())}")
+            pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind
+            if kind == "memfd":  # as in PageBuffer._adopt (a signal before this: no MADV_DONTFORK, no loss)
+                pages.madvise(_MADV_DONTFORK)
+                _shared_buffers.add(pages)
+        return pages
+    except BaseException as exc:  # calls nothing (see "Signals"): only stores
+        if mapped and mapped[0] == address:
+            pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind  # type: ignore[union-attr]
+        exc.buffer = pages if mapped and mapped[0] == address else None  # type: ignore[attr-defined]
+        replies = owners = pages = memfd = None  # type: ignore[assignment]  # closes what came, in C
+        raise
 
 
-def _received_fds(messages: list) -> list:
-    fds: list = []
-    for _, ancdata, _, _ in messages:
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
-    return fds
+def _placeholder_for(obj: socket.socket) -> PageBuffer | None:
+    """A look at the next message, leaving it queued: memory for the size it announces, or None."""
+    head = obj.recv(_HANDOFF_HEADER.size, socket.MSG_PEEK)  # no control buffer: no descriptor arrives
+    if len(head) != _HANDOFF_HEADER.size or not head.startswith(_HANDOFF_MAGIC):
+        return None
+    size = _HANDOFF_HEADER.unpack(head)[1]
+    if not 0 < size <= sys.maxsize or size % PAGE_SIZE:
+        return None
+    with contextlib.suppress(OSError, MemoryError, OverflowError, ValueError):  # a size no memfd has
+        return PageBuffer._placeholder(size)
+    return None
 
 
-def _adopt_memfd(fd: int, size: int) -> PageBuffer:
-    """Check a received descriptor and map it private (the caller closes ``fd``)."""
-    seals = -1
-    with contextlib.suppress(OSError):
-        if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
-            seals = fcntl.fcntl(fd, _F_GET_SEALS)
-    if seals < 0:
+def _reserve_descriptors(obj: socket.socket) -> None:
+    """Check that the descriptors a handoff brings can be received (EMFILE would make the kernel drop
+    them, and the pages with them): take as many and give them back."""
+    count = 1
+    with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
+        count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
+    spare: list = []
+    try:
+        spare.extend(map(_own_fd, map(os.dup, (obj.fileno(),) * count)))  # one C step
+    except OSError as exc:
+        raise OSError(exc.errno, f"takeover: no free file descriptor to receive the memfd into "
+                                 f"({errno.errorcode.get(exc.errno or 0, exc.errno)}): close some, or raise "
+                                 f"RLIMIT_NOFILE; the handoff is still queued on the socket") from None
+    spare.clear()
+
+
+_ancdata, _payload, _level_and_type = operator.itemgetter(1), operator.itemgetter(2), operator.itemgetter(0, 1)
+_descriptor_numbers = functools.partial(array.array, "i")
+
+
+def _receive(obj: socket.socket, want: int, replies: list, owners: list) -> None:
+    """One C step: ``recvmsg``, its answer stored in ``replies``, and each descriptor it carried, in
+    any control message, given an owner in ``owners`` (see "Who owns what")."""
+    reply, parsed = itertools.tee(map(obj.recvmsg, (want,), (_CONTROL_SPACE,), (_RECEIVE_FLAGS,)))
+    messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
+    carrying = itertools.compress(map(_payload, messages), map(_FD_MESSAGES.__contains__, map(_level_and_type,
+                                                                                              kinds)))
+    _run(itertools.chain(map(replies.append, reply), map(owners.append, map(_own_fd, itertools.chain.from_iterable(
+        map(_descriptor_numbers, carrying))))))
+
+
+_memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
+
+
+def _memfd_kind(fd: int, size: int, shared: bool) -> str:
+    """Check a received descriptor; return how to map it: "memfd" (shared) or "view" (private)."""
+    if not _memfd_device:
+        owner: list = []
+        owner.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove-probe",), (os.MFD_CLOEXEC,))))
+        _memfd_device.append(os.fstat(owner[0].fileno()).st_dev)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_dev != _memfd_device[0]:  # a tmpfs file is not on it
         raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
-    names = [name for bit, name in ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW"),
-                                    (_F_SEAL_WRITE, "F_SEAL_WRITE")) if not seals & bit]
+    seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    needed = ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW")) + \
+        (() if shared else ((_F_SEAL_WRITE, "F_SEAL_WRITE"),))
+    names = [name for bit, name in needed if not seals & bit]
     if names:
         raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
                                            f"could still change or truncate the pages")
-    actual = os.fstat(fd).st_size
-    if size != actual or size <= 0 or size % PAGE_SIZE:
-        raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {actual} "
+    if size != info.st_size or size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {info.st_size} "
                          f"(both must agree, a positive multiple of {PAGE_SIZE})")
-    return PageBuffer._map(fd, size, "sealed")  # mmap keeps its own duplicate of fd
+    return "view" if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else "memfd"
 
 
 # ---------------------------------------------------------------------------
@@ -983,7 +1164,7 @@ def _frame(buf: PageBuffer, offset: int = 0) -> int:
     """The page frame number behind ``buf[offset]`` (0: hidden, or not resident)."""
     try:
         with open("/proc/self/pagemap", "rb") as f:
-            f.seek((buf._address + offset) // PAGE_SIZE * 8)
+            f.seek((buf.address + offset) // PAGE_SIZE * 8)
             entry = struct.unpack("<Q", f.read(8))[0]
     except OSError:
         return 0
@@ -998,7 +1179,7 @@ def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
             if _vmsplice_fn is None:
                 notes.append("The C library has no vmsplice function, so gift and move copy.")
                 return False, None, None
-            if _vmsplice_fn(w, _pack_iovec(src._address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK) < 0:
+            if _vmsplice_fn(w, _pack_iovec(src.address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK) < 0:
                 err = ctypes.get_errno()
                 why = {errno.ENOSYS: "not implemented here", errno.EPERM: "a seccomp policy refuses it"}
                 notes.append(f"vmsplice fails with {errno.errorcode.get(err, err)}: "
