@@ -39,7 +39,6 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import io
 import itertools
 import mmap
 import operator
@@ -189,7 +188,9 @@ _own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_shared_buffers: Any = weakref.WeakSet()  # the buffers mapped shared: a fork's child gets views (_after_fork)
+# Weak references to the buffers mapped shared, for _after_fork; each removes itself in C when its
+# buffer is freed (a WeakSet would run Python code there, where a signal handler may raise).
+_shared_buffers: set = set()
 
 
 class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
@@ -257,7 +258,7 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         self._memfd, self._kind = (memfd if kind == "memfd" else None), kind  # a view needs no descriptor
         if kind == "memfd":  # a child's shared mapping would block F_SEAL_WRITE: _after_fork gives it a view
             self.madvise(_MADV_DONTFORK)
-            _shared_buffers.add(self)
+            _shared_buffers.add(weakref.ref(self, _shared_buffers.discard))
 
     @property
     def address(self) -> int:
@@ -317,8 +318,9 @@ _Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported w
 def _after_fork() -> None:
     """In a forked child: every shared buffer (absent here: MADV_DONTFORK) becomes a private
     copy-on-write view of its memfd at the same address, which does not block the parent's seals."""
-    for buf in list(_shared_buffers):
-        if buf.closed:
+    for ref in list(_shared_buffers):
+        buf = ref()
+        if buf is None or buf.closed:
             continue
         address, size = ctypes.addressof(_Pin.from_buffer(buf)), len(buf)
         got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED_NOREPLACE, buf._memfd.fileno(), 0)
@@ -912,7 +914,8 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
         raise ValueError("handoff: these pages are a private copy-on-write view of a memfd (from a "
                          "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
                          "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
-    size, memfd, sent, rescue = len(buf), buf._memfd, [], None
+    size, memfd, rescue = len(buf), buf._memfd, None
+    sent: list = []  # sendmsg's answer, stored from C
     try:
         with _unix_socket(sock, "handoff") as obj:
             rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
@@ -944,7 +947,7 @@ def _seal(fd: int, seals: int) -> None:
                             "mapped the memfd, or holds it from takeover(shared=True)): end it, or hand "
                             "off with shared=True",
                errno.EPERM: "the memfd's seals are themselves sealed (F_SEAL_SEAL) without these: hand "
-                            "it off with shared=True"}.get(exc.errno, os.strerror(exc.errno or 0))
+                            "it off with shared=True"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
         raise OSError(exc.errno, f"handoff: the kernel refuses to seal the memfd: {why}; "
                                  f"the pages are in this exception's buffer") from None
 
@@ -997,10 +1000,10 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
                 raise EOFError("takeover: the peer closed the socket without a handoff")
             if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):
                 raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
-            size = _HANDOFF_HEADER.unpack(data)[1]
-            if len(owners) != 1:
-                raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(owners)}")
-            memfd, kind = owners[0], _memfd_kind(owners[0].fileno(), size, shared)
+            size, rights = _HANDOFF_HEADER.unpack(data)[1], _rights(replies, owners)
+            if len(rights) != 1:
+                raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(rights)}")
+            memfd, kind = rights[0], _memfd_kind(rights[0].fileno(), size, shared)
             if pages is None or len(pages) != size:
                 pages = PageBuffer._placeholder(size)  # a header in pieces: no earlier look at the size
             address = pages.address
@@ -1011,9 +1014,10 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
             pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind
             if kind == "memfd":  # as in PageBuffer._adopt (a signal before this: no MADV_DONTFORK, no loss)
                 pages.madvise(_MADV_DONTFORK)
-                _shared_buffers.add(pages)
+                _shared_buffers.add(weakref.ref(pages, _shared_buffers.discard))
         return pages
     except BaseException as exc:  # calls nothing (see "Signals"): only stores
+        rights = None
         if mapped and mapped[0] == address:
             pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind  # type: ignore[union-attr]
         exc.buffer = pages if mapped and mapped[0] == address else None  # type: ignore[attr-defined]
@@ -1036,13 +1040,18 @@ def _placeholder_for(obj: socket.socket) -> PageBuffer | None:
 
 def _reserve_descriptors(obj: socket.socket) -> None:
     """Check that the descriptors a handoff brings can be received (EMFILE would make the kernel drop
-    them, and the pages with them): take as many and give them back."""
+    them, and the pages with them): take as many and give them back.  The first one is a memfd, the
+    first time: where memfds live (``_memfd_kind``)."""
     count = 1
     with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
         count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
     spare: list = []
     try:
-        spare.extend(map(_own_fd, map(os.dup, (obj.fileno(),) * count)))  # one C step
+        if not _memfd_device:
+            with contextlib.suppress(OSError):  # refused here (seccomp): the seals alone must tell
+                spare.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove",), (os.MFD_CLOEXEC,))))
+                _memfd_device.append(os.fstat(spare[0].fileno()).st_dev)
+        spare.extend(map(_own_fd, map(os.dup, (obj.fileno(),) * (count - len(spare)))))  # one C step
     except OSError as exc:
         raise OSError(exc.errno, f"takeover: no free file descriptor to receive the memfd into "
                                  f"({errno.errorcode.get(exc.errno or 0, exc.errno)}): close some, or raise "
@@ -1050,32 +1059,40 @@ def _reserve_descriptors(obj: socket.socket) -> None:
     spare.clear()
 
 
-_ancdata, _payload, _level_and_type = operator.itemgetter(1), operator.itemgetter(2), operator.itemgetter(0, 1)
+_memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
+_ancdata, _payload = operator.itemgetter(1), operator.itemgetter(2)
+_level_and_type = operator.itemgetter(0, 1)
 _descriptor_numbers = functools.partial(array.array, "i")
 
 
 def _receive(obj: socket.socket, want: int, replies: list, owners: list) -> None:
     """One C step: ``recvmsg``, its answer stored in ``replies``, and each descriptor it carried, in
-    any control message, given an owner in ``owners`` (see "Who owns what")."""
+    any control message, given an owner in ``owners`` (see "Who owns what").  Read it bottom up:
+    every name is an iterator, and nothing runs until ``_run`` pulls the last one, all in C."""
     reply, parsed = itertools.tee(map(obj.recvmsg, (want,), (_CONTROL_SPACE,), (_RECEIVE_FLAGS,)))
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
-    carrying = itertools.compress(map(_payload, messages), map(_FD_MESSAGES.__contains__, map(_level_and_type,
-                                                                                              kinds)))
-    _run(itertools.chain(map(replies.append, reply), map(owners.append, map(_own_fd, itertools.chain.from_iterable(
-        map(_descriptor_numbers, carrying))))))
+    carrying = map(_FD_MESSAGES.__contains__, map(_level_and_type, kinds))
+    payloads = itertools.compress(map(_payload, messages), carrying)
+    numbers = itertools.chain.from_iterable(map(_descriptor_numbers, payloads))
+    _run(itertools.chain(map(replies.append, reply), map(owners.append, map(_own_fd, numbers))))
 
 
-_memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
+def _rights(replies: list, owners: list) -> list:
+    """The owners of the descriptors that came in SCM_RIGHTS (not, say, an SCM_PIDFD's pidfd)."""
+    found, at = [], 0
+    for _, ancdata, _, _ in replies:
+        for level, kind, payload in ancdata:
+            if (level, kind) in _FD_MESSAGES:
+                n = len(payload) // 4
+                found += owners[at:at + n] if kind == socket.SCM_RIGHTS else []
+                at += n
+    return found
 
 
 def _memfd_kind(fd: int, size: int, shared: bool) -> str:
     """Check a received descriptor; return how to map it: "memfd" (shared) or "view" (private)."""
-    if not _memfd_device:
-        owner: list = []
-        owner.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove-probe",), (os.MFD_CLOEXEC,))))
-        _memfd_device.append(os.fstat(owner[0].fileno()).st_dev)
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_dev != _memfd_device[0]:  # a tmpfs file is not on it
+    if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
         raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
     seals = fcntl.fcntl(fd, _F_GET_SEALS)
     needed = ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW")) + \
