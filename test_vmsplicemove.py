@@ -1334,6 +1334,77 @@ def test_takeover_refuses_a_hostile_child_that_keeps_writing():
         b.close()
 
 
+HUGE = vm._HUGE_PAGE_SIZE
+
+
+def shmem_thp_mode():
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    except OSError:
+        return "unavailable"
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else "unavailable"
+
+
+def pmd_mapped_kib(address):
+    """ShmemPmdMapped of the mapping at ``address``: how much of it the kernel maps in huge pages."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("ShmemPmdMapped:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_memfd_buffer_of_whole_huge_pages_gets_huge_pages_where_the_kernel_allows():
+    mode = shmem_thp_mode()
+    with vm.PageBuffer(2 * HUGE, memfd=True) as buf:
+        if mode in ("deny", "unavailable"):
+            assert not buf.huge
+        buf[:] = pattern(2 * HUGE, 12)
+        if buf.huge:
+            assert buf.address % HUGE == 0, "not on a huge-page boundary: the kernel maps small pages"
+            assert pmd_mapped_kib(buf.address) * 1024 == 2 * HUGE, f"shmem THP {mode}, yet small pages"
+    with vm.PageBuffer(2 * HUGE, memfd=True, huge=False) as buf:
+        buf[:] = pattern(2 * HUGE, 12)
+        assert not buf.huge and pmd_mapped_kib(buf.address) == 0
+    with vm.PageBuffer(HUGE + PAGE, memfd=True) as buf:
+        assert not buf.huge and len(buf) == HUGE + PAGE  # the default never maps more than asked
+    with vm.PageBuffer(HUGE + PAGE, memfd=True, huge=True) as buf:
+        assert len(buf) == 2 * HUGE
+
+
+@SOCKET_TYPES
+def test_handoff_in_huge_pages_keeps_the_frames_and_is_mapped_huge(kind):
+    buf, data = filled_memfd_buffer(2 * HUGE, 13)
+    sent = page_frames(buf.address, 2 * HUGE)
+    a, b = unix_pair(kind)
+    assert vm.handoff(a, buf) == 2 * HUGE
+    with vm.takeover(b) as got:
+        assert got[:] == data
+        assert page_frames(got.address, 2 * HUGE) == sent  # the very frames (zeros where hidden)
+        if buf.huge:
+            assert got.address % HUGE == 0 and pmd_mapped_kib(got.address) * 1024 == 2 * HUGE
+        got[:5] = b"write"  # copy-on-write: this page only
+        assert got[:5] == b"write" and got[5:] == data[5:]
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("size", [PAGE, 3 * PAGE, HUGE - PAGE, HUGE + PAGE, 3 * HUGE + 5 * PAGE])
+def test_takeover_of_any_whole_page_size_works(size):
+    a, b = unix_pair()
+    buf, data = filled_memfd_buffer(size, 14)
+    vm.handoff(a, buf, shared=size % 2 == 0)
+    with vm.takeover(b, shared=True) as got:
+        assert len(got) == size and got[:] == data
+    a.close()
+    b.close()
+
+
 @SOCKET_TYPES
 def test_takeover_raises_eof_when_the_peer_closes_without_a_handoff(kind):
     a, b = unix_pair(kind)
