@@ -327,7 +327,7 @@ def _after_fork() -> None:
         if got not in (address, _MAP_FAILED):  # before Linux 4.17 the flag is a hint: the range is free
             _munmap_fn(got, size)
             got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, buf._memfd.fileno(), 0)
-        buf._kind = "view"
+        buf._kind, buf._memfd = "view", None  # a view needs no descriptor
     _shared_buffers.clear()
 
 
