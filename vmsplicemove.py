@@ -972,8 +972,8 @@ def probe(refresh: bool = False) -> Support:
     across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself (handoff), and
     reads THP, pipe-max-size and the kernel release.  It never infers from a version number, leaves
     nothing behind, and raises nothing for what the system lacks: ``reason`` says.  A finding that
-    needed a descriptor when none was free (EMFILE, ENFILE) is None ("no free file descriptor"); such a
-    record is returned, never cached: the next ``probe()`` looks again.
+    needed a descriptor when none was free (EMFILE, ENFILE) is None (``huge_pages``: "unknown"), the
+    reason "no free file descriptor"; such a record is returned, never cached: the next call looks again.
     """
     global _probe_cache
     with _probe_lock:
