@@ -276,11 +276,6 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
             f"<PageBuffer size={len(self)} address={self._address:#x} huge={self._huge} memfd={self.memfd}>"
 
 
-# The cause, where a call that makes a descriptor fails with one of these.
-_NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
-          errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
-
-
 def _new_memfd(size: int) -> int:
     try:
         fd = os.memfd_create("vmsplicemove", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -296,6 +291,11 @@ def _new_memfd(size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# The cause, where a call that makes a descriptor fails with one of these.
+_NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
+          errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
 
 
 def _zero_pages(address: int, length: int) -> None:
