@@ -362,10 +362,18 @@ def _new_memfd(size: int) -> Any:
         owner.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove",),
                                       (os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,))))  # one C step
     except (OSError, AttributeError, TypeError) as exc:  # AttributeError, TypeError: not Linux
-        raise OSError(getattr(exc, "errno", None) or errno.ENOSYS, f"memfd_create failed ({exc}): "
-                      f"not Linux, or a sandbox (seccomp) refuses it; handoff is not possible") from None
+        err = getattr(exc, "errno", None) or errno.ENOSYS
+        why = (f"{_NO_FD[err]}: close some, or raise the limit" if err in _NO_FD else "not Linux"
+               if not isinstance(exc, OSError) else f"{os.strerror(err)}: an old kernel, or a sandbox "
+               "(seccomp, gVisor) refuses it" if err in (errno.ENOSYS, errno.EPERM) else os.strerror(err))
+        raise OSError(err, f"memfd_create failed: {why}; no memfd PageBuffer, no handoff") from None
     os.ftruncate(owner[0].fileno(), size)
     return owner[0]
+
+
+# The cause, where a call that makes a descriptor fails with one of these.
+_NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
+          errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
 
 
 def _zero_pages(address: int, length: int) -> None:
@@ -410,7 +418,8 @@ def _check_flags(flags: int, allowed: int, where: str) -> None:
 
 def _describe_fd(fd: int) -> str:
     """What ``fd`` is: "a pipe read end" ("write end", "open for reading and writing"), "a regular
-    file", "a socket", "a directory", "a character device", "a block device", "not open", "not a pipe"."""
+    file", "a socket", "a directory", "a character device", "a block device", "a symbolic link",
+    "an anonymous inode (eventfd)" (epoll, pidfd...), "not open"."""
     try:
         mode, access = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError):
@@ -418,8 +427,13 @@ def _describe_fd(fd: int) -> str:
     pipe_end = ("a pipe read end", "a pipe write end", "a pipe open for reading and writing")[min(access, 2)]
     kinds = [(stat.S_ISREG, "a regular file"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISFIFO, pipe_end)]
-    return next((name for test, name in kinds if test(mode)), "not a pipe")
+             (stat.S_ISLNK, "a symbolic link (O_PATH)"), (stat.S_ISFIFO, pipe_end)]
+    found = next((name for test, name in kinds if test(mode)), "")
+    if not found:  # no file type: an anonymous inode (fs/anon_inodes.c), whose kind only /proc names
+        with contextlib.suppress(OSError):
+            found = os.readlink(f"/proc/self/fd/{fd}").partition("anon_inode:")[2].strip("[]")
+        found = f"an anonymous inode ({found or 'eventfd, epoll, pidfd...'})"
+    return found
 
 
 def _fd_error(err: int, fd: int, call: str) -> OSError:
@@ -1116,18 +1130,18 @@ class Support:
     """What the running kernel does, as ``probe()`` observed it.
 
     Attributes:
-        vmsplice: the call works here (else gift and move copy).
+        vmsplice: the call works here (else gift and move copy); None: untried (no free descriptor).
         zero_copy_gift: queued pages are the writer's own (referenced, not copied); None: unchecked.
         move: the reader got the very page gifted (True), a copy (False), or unknown (None: frame
-            numbers hidden).
+            numbers hidden or unreadable).
         handoff: a sealed memfd over a Unix socket works (True), does not (False), or untried (None).
-        huge_pages: transparent huge pages: always, madvise, never or unavailable.
+        huge_pages: transparent huge pages: always, madvise, never, unavailable (unknown: no descriptor).
         pipe_max_size: /proc/sys/fs/pipe-max-size, or None where unreadable.
         kernel: the kernel release string.
         reason: one plain sentence per finding, with the errno where a call failed.
     """
 
-    vmsplice: bool
+    vmsplice: bool | None
     zero_copy_gift: bool | None
     move: bool | None
     handoff: bool | None
@@ -1155,47 +1169,83 @@ def probe(refresh: bool = False) -> Support:
     It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
     across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself (handoff), and
     reads THP, pipe-max-size and the kernel release.  It never infers from a version number, leaves
-    nothing behind, and raises nothing for what the system lacks: ``reason`` says.
+    nothing behind, and raises nothing for what the system lacks: ``reason`` says.  A finding that
+    needed a descriptor when none was free (EMFILE, ENFILE) is None (``huge_pages``: "unknown"), the
+    reason "no free file descriptor"; such a record is returned, never cached: the next call looks again.
     """
     global _probe_cache
     with _probe_lock:
         if _probe_cache is None or refresh:
-            _probe_cache = _observe()
+            starved: list = []  # EMFILE or ENFILE met: a passing shortage, not a fact to keep
+            support = _observe(starved)
+            if starved:
+                return support
+            _probe_cache = support
         return _probe_cache
 
 
-def _observe() -> Support:
+def _untried(what: str, exc: OSError, notes: list, starved: list) -> Any:
+    """Note why ``what`` ("Handoff could not be tried") failed; return None, the finding unknown."""
+    if exc.errno in _NO_FD:
+        starved.append(exc.errno)
+    notes.append(f"{what}: {_NO_FD.get(exc.errno or 0) or exc}.")
+    return None
+
+
+def _setting(path: str, notes: list, starved: list) -> str | None:
+    """A setting's text; "" where missing; None where no descriptor was free to read it."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        return _untried(f"{path} could not be read", exc, notes, starved) if exc.errno in _NO_FD else ""
+
+
+def _observe(starved: list) -> Support:
     notes: list = []
-    works, zero_copy, moved = _observe_vmsplice(notes)
-    handed = _observe_handoff(notes)
-    mode = _thp_mode("enabled")
-    notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
-                 else "Transparent huge pages are unavailable.")
-    max_size = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) or None
+    works, zero_copy, moved = _observe_vmsplice(notes, starved)
+    handed = _observe_handoff(notes, starved)
+    text, size = (_setting(path, notes, starved) for path in (_THP + "enabled", "/proc/sys/fs/pipe-max-size"))
+    mode = "unknown" if text is None else text[text.find("[") + 1:text.find("]")] if "[" in text \
+        else "unavailable"
+    if mode != "unknown":
+        notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
+                     else "Transparent huge pages are unavailable.")
+    max_size = int(size) if size and size.isdigit() else None
     if max_size:
         notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
     return Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
 
 
 def _frame(buf: PageBuffer, offset: int = 0) -> int:
-    """The page frame number behind ``buf[offset]`` (0: hidden, or not resident)."""
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek((buf.address + offset) // PAGE_SIZE * 8)
-            entry = struct.unpack("<Q", f.read(8))[0]
-    except OSError:
-        return 0
+    """The page frame number behind ``buf[offset]``: 0 where hidden (without CAP_SYS_ADMIN) or not
+    resident.  ``OSError`` where ``/proc/self/pagemap`` cannot be read: no /proc, or no free descriptor."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((buf.address + offset) // PAGE_SIZE * 8)
+        entry = struct.unpack("<Q", f.read(8))[0]
     return entry & ((1 << 55) - 1) if entry >> 63 else 0
 
 
-def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
-    r, w = os.pipe()
+def _seen_frame(buf: PageBuffer, unread: list, offset: int = 0) -> int:
+    """``_frame``, or 0 where pagemap cannot be read, with the reason added to ``unread``."""
+    try:
+        return _frame(buf, offset)
+    except OSError as exc:  # kept without its traceback, whose frames would hold buf in a cycle
+        unread.append(OSError(exc.errno, exc.strerror, exc.filename))
+        return 0
+
+
+def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | None, bool | None]:
+    if _vmsplice_fn is None:
+        notes.append("The C library has no vmsplice function, so gift and move copy.")
+        return False, None, None
+    try:
+        r, w = os.pipe()
+    except OSError as exc:
+        return _untried("vmsplice could not be tried", exc, notes, starved), None, None
     try:
         with PageBuffer(PAGE_SIZE) as src, PageBuffer(PAGE_SIZE) as dst:
             src[:8] = b"original"
-            if _vmsplice_fn is None:
-                notes.append("The C library has no vmsplice function, so gift and move copy.")
-                return False, None, None
             if _vmsplice_fn(w, _pack_iovec(src.address, PAGE_SIZE), 1, SPLICE_F_NONBLOCK) < 0:
                 err = ctypes.get_errno()
                 why = {errno.ENOSYS: "not implemented here", errno.EPERM: "a seccomp policy refuses it"}
@@ -1209,15 +1259,18 @@ def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
                          else "vmsplice copied the pages when it queued them."))
             src[:8] = b"gifted.."
             dst[:8] = b"resident"  # fault the destination in: a move must replace its frame
-            gifted, before = _frame(src), _frame(dst)
-            if not gifted or not before:
-                notes.append("Page moves could not be checked: page frame numbers are hidden "
-                             "without CAP_SYS_ADMIN.")
-                return True, zero_copy, None
-            if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
-                notes.append("Page moves could not be checked: the gifted page did not arrive.")
-                return True, zero_copy, None
-            after = _frame(dst)
+            try:  # each _frame opens pagemap: EMFILE is not "hidden"
+                gifted, before = _frame(src), _frame(dst)
+                if not gifted or not before:
+                    notes.append("Page moves could not be checked: page frame numbers are hidden "
+                                 "without CAP_SYS_ADMIN.")
+                    return True, zero_copy, None
+                if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
+                    notes.append("Page moves could not be checked: the gifted page did not arrive.")
+                    return True, zero_copy, None
+                after = _frame(dst)
+            except OSError as exc:
+                return True, zero_copy, _untried("Page moves could not be checked", exc, notes, starved)
     finally:
         os.close(r)
         os.close(w)
@@ -1230,23 +1283,32 @@ def _observe_vmsplice(notes: list) -> tuple[bool, bool | None, bool | None]:
     return True, zero_copy, False
 
 
-def _observe_handoff(notes: list) -> bool | None:
+def _observe_handoff(notes: list, starved: list) -> bool | None:
     if not hasattr(os, "memfd_create"):
         notes.append("Handoff could not be tried: this system has no memfd.")
         return None
-    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    unread: list = []  # why pagemap could not be read
     try:
+        sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with sender, receiver, PageBuffer(PAGE_SIZE, memfd=True) as src:
             src[:8] = b"handoff!"
-            sent_frame = _frame(src)
+            sent_frame = _seen_frame(src, unread)
             handoff(sender, src)
             with takeover(receiver) as got:
-                same, got_frame = got[:8] == b"handoff!", _frame(got)
-    except OSError as exc:
-        notes.append(f"Handoff fails with {errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc}.")
+                same, got_frame = got[:8] == b"handoff!", _seen_frame(got, unread)
+    except (OSError, ValueError) as exc:  # ValueError: takeover refused what this very module sent
+        if getattr(exc, "buffer", None) is not None:  # handoff's pages, kept for a retry: not wanted
+            exc.buffer.close()  # type: ignore[union-attr]
+        if isinstance(exc, OSError) and exc.errno in _NO_FD:
+            return _untried("Handoff could not be tried", exc, notes, starved)
+        code = errno.errorcode.get(getattr(exc, "errno", None) or 0)
+        notes.append(f"Handoff fails{' with ' + code if code else ''}: {exc}.")
         return False
     if not same:
         notes.append("Handoff failed: the page arrived changed.")
+    elif unread:
+        _untried("Handoff works (a sealed memfd over a Unix socket); whether the receiver saw the very "
+                 "same frame could not be checked", unread[0], notes, starved)
     elif not sent_frame or not got_frame:
         notes.append("Handoff works (a sealed memfd over a Unix socket); frame numbers are hidden, "
                      "so whether the receiver saw the very same frame could not be checked.")
@@ -1262,6 +1324,7 @@ def _observe_handoff(notes: list) -> bool | None:
 # Nothing above this line depends on anything below it.
 
 import argparse  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
@@ -1326,9 +1389,10 @@ def _resident(buf: PageBuffer) -> int:
 
 
 def _status_kib(field: str, path: str = "/proc/self/status") -> int:
-    """A field of /proc/self/status (or of ``path``: /proc/meminfo) in KiB, 0 if missing."""
-    with open(path) as f:
+    """A field of /proc/self/status (or of ``path``: /proc/meminfo) in KiB, 0 if missing (or no /proc)."""
+    with contextlib.suppress(OSError), open(path) as f:
         return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
+    return 0
 
 
 def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
@@ -1383,7 +1447,8 @@ def _writer_child(fn: Any, *args: Any) -> Any:
 def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None, seed: int) -> None:
     src = PageBuffer(size, memfd=True) if how == "handoff" else PageBuffer(size, huge=huge)
     _fill(src, seed)
-    report = {"sender_frames": [_frame(src), _frame(src, size - PAGE_SIZE)], "writer_filled": _resident(src)}
+    report = {"sender_frames": [_seen_frame(src, [], at) for at in (0, size - PAGE_SIZE)],
+              "writer_filled": _resident(src)}
     os.write(status, b"R")
     os.read(status, 1)  # "G", the go (or nothing: the parent is gone, and so shall we be)
     if how == "handoff":
@@ -1418,7 +1483,7 @@ def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader
         seconds = time.perf_counter() - start
         report = {**watch("here", dst), **json.loads(_status(status))}  # watch first: it may time
     bad = _mismatch(dst, seed, size) if got == size else got
-    verified, frames = time.perf_counter() - start, [_frame(dst), _frame(dst, size - PAGE_SIZE)]
+    verified, frames = time.perf_counter() - start, [_seen_frame(dst, [], at) for at in (0, size - PAGE_SIZE)]
     dst.close()
     if bad is not None:
         raise RuntimeError(f"{how}: data differs at byte {bad} of {size}")
@@ -1442,7 +1507,7 @@ def _demo(size: int) -> None:
               f"{_human(size - run['writer_resident'])}")
     print(f"gift + move is {runs['plain']['seconds'] / runs['gift']['seconds']:.2f}x plain write + readv; "
           f"gift frees the writer's pages as the pipe takes them")
-    moved = {True: "moved (the reader got the writer's pages)", None: "unknown (see probe)", False:
+    moved = {True: "moved (the reader got the writer's pages)", None: "moved or copied (see probe)", False:
              "copied by the reader (the kernel does not move pages into user memory)"}[support.move]
     print(f"pages were {moved if support.vmsplice else 'copied: vmsplice is not usable here'}")
     if "handoff" not in runs:
@@ -1450,18 +1515,45 @@ def _demo(size: int) -> None:
         return
     sent, got = runs["handoff"]["sender_frames"], runs["handoff"]["receiver_frames"]
     print("handoff: the pages themselves changed hands, " + (
-        "frames hidden (without CAP_SYS_ADMIN)" if not all(sent + got) else
+        "frame numbers unknown (hidden without CAP_SYS_ADMIN, or no /proc)" if not all(sent + got) else
         f"the receiver maps the sender's very frames ({', '.join(map(hex, dict.fromkeys(got)))})"
         if sent == got else f"the receiver got other frames: {sent} -> {got}"))
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, not the usage text
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+    def error(self, message: str) -> Any:  # one line, not the usage text; status 2 even if stderr fails
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
+        raise SystemExit(2)
+
+    def _print_message(self, message: str, file: Any = None) -> None:  # 3.11+ would swallow write errors
+        if message:
+            (file or sys.stderr).write(message)
+
+
+class _ClosedOutput(io.TextIOBase):
+    """``sys.stdout`` where descriptor 1 is closed (``>&-``): a write fails, and the command with it in
+    one line, status 1, as ``cat >&-`` does (141 is for a reader gone after some output)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed (EBADF): redirect it, to /dev/null to discard")
+
+
+def _standard_streams() -> None:
+    """/dev/null on each of descriptors 0-2 the caller closed (``>&-``): no pipe or socket of ours gets
+    the number, where a C library writes.  ``sys.stdout`` (None then) fails, ``sys.stderr`` keeps quiet."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    sys.stdout, sys.stderr = sys.stdout or _ClosedOutput(), sys.stderr or io.StringIO()
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
     prog = "vmsplicemove" if os.path.basename(sys.argv[0]) == "vmsplicemove" else "python3 -m vmsplicemove"
+    _standard_streams()
     parser = _Parser(prog=prog, description="Move pages between processes with vmsplice(2).")
     parser.add_argument("--version", action="version", version=f"vmsplicemove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1470,24 +1562,36 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="move a region from a child to its parent three ways, verify it")
     p.add_argument("--size", type=_parse_size, default=256 << 20,
                    help="bytes to send, from one page up, e.g. 64K, 64M or 1G (default 256M)")
-    args = parser.parse_args(argv)
+    command = ""
     try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # --help or --version written (0), or bad arguments said (2)
+            sys.stdout.flush()  # a closed output shows here, not at exit
+            return stop.code if isinstance(stop.code, int) else 1
+        command = f" {args.command}"
         if args.command == "demo":
             _demo(args.size)
         else:
             print(json.dumps(dataclasses.asdict(probe()), indent=2) if args.json else probe())
-        sys.stdout.flush()  # a closed output shows here, not at exit
+        sys.stdout.flush()
         return 0
     except (RuntimeError, OSError, MemoryError, ValueError, EOFError) as exc:  # the writer's, takeover's
         message, code = str(exc) or type(exc).__name__, 1
         poller = select.poll()  # a broken pipe: is it stdout, whose reader has gone (`| head`)?
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        if isinstance(exc, BrokenPipeError) and any(ev & select.POLLERR for _, ev in poller.poll(0)):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        poller.register(1, select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poller.poll(0))
+        try:
+            sys.stdout.flush()  # what is still buffered
+        except (OSError, ValueError):  # cannot go (reader gone, disk full): nor at exit, a second error
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        if isinstance(exc, BrokenPipeError) and gone:
             return 141  # as a process ended by SIGPIPE
     except KeyboardInterrupt:
         message, code = "interrupted", 130
-    print(f"{prog} {args.command}: {message}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # stderr gone too: the status says it
+        print(f"{prog}{command}: {message}", file=sys.stderr)
     return code
 
 
