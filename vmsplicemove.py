@@ -1554,12 +1554,13 @@ def _standard_streams() -> None:
 def _main(argv: Sequence[str] | None = None) -> int:
     prog = "vmsplicemove" if os.path.basename(sys.argv[0]) == "vmsplicemove" else "python3 -m vmsplicemove"
     _standard_streams()
-    parser = _Parser(prog=prog, description="Move pages between processes with vmsplice(2).")
+    parser = _Parser(prog=prog, description="Move memory pages between processes: gift/move through a pipe "
+                     "(vmsplice), handoff of a sealed memfd (no copy), or a plain copy (write/read).")
     parser.add_argument("--version", action="version", version=f"vmsplicemove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("probe", help="report what this kernel does with vmsplice")
+    p = sub.add_parser("probe", help="report what this kernel does: vmsplice, page moves, memfd handoff")
     p.add_argument("--json", action="store_true", help="print the fields as one JSON object")
-    p = sub.add_parser("demo", help="move a region from a child to its parent three ways, verify it")
+    p = sub.add_parser("demo", help="a child's region to its parent by gift/move, copy and handoff; verified")
     p.add_argument("--size", type=_parse_size, default=256 << 20,
                    help="bytes to send, from one page up, e.g. 64K, 64M or 1G (default 256M)")
     command = ""
