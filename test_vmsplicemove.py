@@ -1674,11 +1674,12 @@ def test_live_update_chain_of_four_programs_keeps_the_very_pages(final, kind):
     assert sorted(reports) == [1, 2, 3, 4]
     one_copy = size // 1024
     for version, r in reports.items():
+        memory = {k: v for k, v in r.items() if k.startswith("memory")}
         assert r["bad"] is None, f"v{version} found page {r['bad']} wrong"
         assert r["perms"] == ("rw-p" if version == 4 and final == "sealed" else "rw-s"), version
         start, peak = r["memory_start"], r["memory_peak"]
-        assert peak["RssShmem"] <= one_copy + 256, f"v{version} holds more than one copy: {r}"
-        assert peak["RssAnon"] - start["RssAnon"] < one_copy // 2, f"v{version} copied the region: {r}"
+        assert peak["RssShmem"] <= one_copy + 256, f"v{version} holds more than one copy: {memory}"
+        assert peak["RssAnon"] - start["RssAnon"] < one_copy // 2, f"v{version} copied the region: {memory}"
         assert len(r["held_before"][1]) == 1, f"v{version} maps the region {r['held_before']}"
         if version < 4:
             assert r["sent"] == size and r["closed"] is True
@@ -1789,7 +1790,7 @@ def test_live_update_handed_on_sealed_the_last_gets_a_view_and_cannot_write_thro
     assert len(memfd_held()[1]) == len(before[1]) - 1 and len(memfd_held()[0]) < len(before[0])
     (got,) = _reports(nxt)
     assert got["size"] == size and got["bad"] is None and got["perms"] == "rw-p"
-    assert "copy" in got["handoff"] and got["bad_after"] in (None, 0)
+    assert "copy" in got["handoff"] and got["bad_after"] == (None if got["pwrite"] is None else 0)
     if got["pwrite"] is not None:  # as root: the memfd itself, through /proc/self/map_files
         assert got["pwrite"] == "refused"
         assert bytes.fromhex(got["view"]) == b"my copy"
@@ -1872,11 +1873,13 @@ def test_live_update_several_buffers_over_one_socket_arrive_in_order(kind):
     assert (open_fds(), memfd_held()) == before
 
 
-# The same storm as ``_handoff_storm``, along a chain: one memfd goes round handoff(shared=True) and
-# takeover(shared=True) between two sockets of this process, each call under a raising SIGALRM storm,
-# until ``count`` interrupted calls have been judged.  Each is judged: the pages are delivered (the
-# message queued, or the buffer returned) or given back in ``exc.buffer``, never both, never neither;
-# what comes back is the same memfd (its frame, where visible), writable, and goes round again.
+# The storm of ``_handoff_storm``, along a chain: one memfd goes round handoff(shared=True) and
+# takeover(shared=True) between two sockets of this process, the calls named in ``where`` under a
+# raising SIGALRM storm, until ``count`` interrupted calls have been judged (the deadline is
+# ``_isolated``'s).  The pages are delivered (the message queued, or the buffer returned) or given back
+# in ``exc.buffer``, never both, never neither; what comes back is the same memfd (its frame, where
+# visible), writable, and goes round again.  On 3.9 and 3.10 a signal can land between a ``try`` and
+# its ``return``: a delivered handoff may then raise without ``transferred``.
 def _live_storm(seed, kind, count, where):
     rng = random.Random(seed)
     armed, once = [False], not _COUNT_ALWAYS_ATTACHED  # 3.9, 3.10: see above; one raise per call
@@ -1933,13 +1936,13 @@ def _live_storm(seed, kind, count, where):
             elif not buf.closed:  # interrupted before anything changed
                 outcomes["kept"] += 1
                 ok = not now and transferred in (0, None)
-            else:  # unmapped, so it must have gone
-                ok = now and transferred == PAGE
+            else:  # unmapped, so it must have gone (3.9, 3.10: perhaps cut between the try and the return)
+                ok = now and transferred in ((PAGE,) if _COUNT_ALWAYS_ATTACHED else (PAGE, None))
                 buf = None
         else:
             ok, buf = sent == PAGE and now, None
         if not ok:
-            outcomes["bad"].append((i, "handoff", repr(exc), now, back is not None))
+            outcomes["bad"].append((i, "handoff", repr(exc), now, back is not None, _where(exc)))
         if buf is not None:  # not sent: round again
             continue
         if not now:
@@ -1957,7 +1960,7 @@ def _live_storm(seed, kind, count, where):
                 outcomes["given back"] += back is not None
                 got = back
         if not stamped(got, i) or queued():
-            outcomes["bad"].append((i, "takeover", repr(exc), got is not None, queued()))
+            outcomes["bad"].append((i, "takeover", repr(exc), got is not None, queued(), _where(exc)))
             got = None
         elif frame and page_frames(got.address, PAGE)[0] != frame:
             outcomes["bad"].append((i, "takeover: another frame", repr(exc)))
