@@ -2048,8 +2048,7 @@ def _live_storm(seed, kind, count, where):
 
 
 @SOCKET_TYPES
-@pytest.mark.parametrize("where", ["handoff", pytest.param("handoff takeover", marks=pytest.mark.xfail(
-    strict=True, reason="takeover loses the pages when interrupted between recvmsg and mmap (reported)"))])
+@pytest.mark.parametrize("where", ["handoff", "handoff takeover"])
 def test_live_update_under_a_signal_storm_never_loses_or_doubles_the_pages(kind, where, soak):
     seed = _storm_seed()
     outcomes = _isolated(_live_storm, seed, kind, 5000 if soak else 300, where, timeout=600 if soak else 120)

@@ -548,11 +548,11 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
         _dontneed_locked = False
 
 
-def _wait(fd: int, event: int) -> bool:
-    """Wait until ``fd`` is ready or hung up; signal handlers may run meanwhile."""
+def _wait(fd: int, event: int, seconds: float | None = None) -> bool:
+    """Wait until ``fd`` is ready or hung up, or ``seconds`` passed (False); signal handlers may run."""
     poller = select.poll()
     poller.register(fd, event)
-    return bool(poller.poll())
+    return bool(poller.poll(None if seconds is None else seconds * 1000))
 
 
 def _queued(fd: int) -> int:
@@ -572,7 +572,8 @@ def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> boo
     if nonblock:
         raise BlockingIOError(errno.EAGAIN, f"{call}: pipe {fd} is "
                                             + ("full" if call == "gift" else "empty"))
-    return _wait(fd, select.POLLOUT if call == "gift" else select.POLLIN)
+    _wait(fd, select.POLLOUT if call == "gift" else select.POLLIN)
+    return True
 
 
 def _is_locked(buf: PageBuffer) -> bool:
@@ -976,80 +977,96 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     writable: writes land in the memfd itself, and ``handoff`` can pass it on again with no copy.
     Checked before anything is mapped from it: exactly one descriptor, a memfd (the kernel says so, no
     ``/proc`` needed), sealed at least against shrinking, growing and (unless ``shared``) writing, of
-    the announced size; whatever else arrives, in any control message, is closed.
+    the announced size; whatever else arrives, in any control message, is closed.  The message leaves
+    the socket only once its pages are mapped: interrupted before, it is still there.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
         PermissionError: a seal is missing: the sender could still change or truncate the pages.
         ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
             ``sock`` is not a connected Unix socket.
-        TypeError: ``sock`` is neither a socket nor an int.
+        TypeError: ``sock`` is neither a socket nor an int; ``shared`` is no bool.
         OSError: EMFILE: no descriptor is free to receive into (the handoff stays on the socket).
-        Any exception after the pages were mapped (a signal handler's) carries them in ``buffer``.
+        Any exception after the message left the socket (a signal handler's) carries its pages in
+        ``buffer``; any other, ``buffer`` None.
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
-    replies: list = []  # what recvmsg returned
-    owners: list = []  # an owner for each descriptor that came with it (see "Who owns what")
-    mapped: list = []  # mmap's answer, stored from C
-    pages = memfd = None
-    kind, address = "view", 0
+    # What this call has made, for its exception handler: see _take.
+    state: dict = {"peeked": [], "taken": [], "mapped": [], "address": 0, "pages": None, "memfd": None,
+                   "kind": "view"}
     try:
         with _unix_socket(sock, "takeover") as obj:
-            pages = _placeholder_for(obj)  # mapped before the descriptor arrives: nothing can lose it
             _reserve_descriptors(obj)
-            data = b""
-            while len(data) < _HANDOFF_HEADER.size:
-                _receive(obj, _HANDOFF_HEADER.size + 1 - len(data), replies, owners)  # one more: a
-                chunk, _, msg_flags, _ = replies[-1]  # longer message shows (a read stops at descriptors)
-                if msg_flags & socket.MSG_CTRUNC:
-                    raise ValueError("takeover: a handoff whose descriptors did not all arrive (MSG_CTRUNC): "
-                                     f"more than {_MAX_FDS}, or no descriptor free (EMFILE)")
-                if msg_flags & socket.MSG_TRUNC:
-                    raise ValueError("takeover: a malformed handoff (a longer message)")
-                data += chunk
-                if not chunk or obj.type == socket.SOCK_SEQPACKET:
-                    break  # the end, or one whole message
-            if not data and not owners:
-                raise EOFError("takeover: the peer closed the socket without a handoff")
-            if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):
-                raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
-            size, rights = _HANDOFF_HEADER.unpack(data)[1], _rights(replies, owners)
-            if len(rights) != 1:
-                raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(rights)}")
-            memfd, kind = rights[0], _memfd_kind(rights[0].fileno(), size, shared)
-            if pages is None or len(pages) != size:
-                pages = PageBuffer._placeholder(size)  # a header in pieces: no earlier look at the size
-            address = pages.address
-            flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
-            mapped.extend(map(_mmap_fn, (address,), (size,), (_RW,), (flags,), (memfd.fileno(),), (0,)))
-            if mapped[0] != address:
-                raise OSError(ctypes.get_errno(), f"takeover: mmap failed: {os.strerror(ctypes.get_errno())}")
-            pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind
-            if kind == "memfd":  # as in PageBuffer._adopt (a signal before this: no MADV_DONTFORK, no loss)
-                pages.madvise(_MADV_DONTFORK)
-                _shared_buffers.add(weakref.ref(pages, _shared_buffers.discard))
-        return pages
+            waits = obj.gettimeout() != 0.0  # a non-blocking socket raises BlockingIOError instead
+            while not state["taken"]:
+                if waits and not _wait(obj.fileno(), select.POLLIN, obj.gettimeout()):
+                    raise socket.timeout("takeover: timed out")
+                with _takeover_lock:  # not held while waiting: takeovers on other sockets go on
+                    _take(obj, shared, state)
+        return state["pages"]
     except BaseException as exc:  # calls nothing (see "Signals"): only stores
-        rights = None
-        if mapped and mapped[0] == address:
-            pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind  # type: ignore[union-attr]
-        exc.buffer = pages if mapped and mapped[0] == address else None  # type: ignore[attr-defined]
-        replies = owners = pages = memfd = None  # type: ignore[assignment]  # closes what came, in C
+        pages = state["pages"] if state["taken"] and state["mapped"] == [state["address"]] else None
+        if pages is not None:  # taken off the socket: the pages go with the exception
+            pages._memfd, pages._kind = (state["memfd"] if state["kind"] == "memfd" else None), state["kind"]
+        exc.buffer = pages  # type: ignore[attr-defined]
+        state = pages = None  # type: ignore[assignment]  # closes whatever came, in C
         raise
 
 
-def _placeholder_for(obj: socket.socket) -> PageBuffer | None:
-    """A look at the next message, leaving it queued: memory for the size it announces, or None."""
-    head = obj.recv(_HANDOFF_HEADER.size, socket.MSG_PEEK)  # no control buffer: no descriptor arrives
-    if len(head) != _HANDOFF_HEADER.size or not head.startswith(_HANDOFF_MAGIC):
-        return None
-    size = _HANDOFF_HEADER.unpack(head)[1]
-    if not 0 < size <= sys.maxsize or size % PAGE_SIZE:
-        return None
-    with contextlib.suppress(OSError, MemoryError, OverflowError, ValueError):  # a size no memfd has
-        return PageBuffer._placeholder(size)
-    return None
+# One takeover at a time in this process between its look at a message and taking it, or another
+# thread's could take that message meanwhile.
+_takeover_lock = threading.Lock()
+
+
+def _take(obj: socket.socket, shared: bool, state: dict) -> None:
+    """Look at the next message (it stays queued; the kernel gives a peek duplicates of its
+    descriptors), check it, map its memfd, then take it off the socket in one C step: interrupted
+    before that, the handoff is still on the socket; after it, the pages are in ``state``."""
+    peeked, taken, mapped = state["peeked"], state["taken"], state["mapped"]
+    try:
+        _receive(obj, socket.MSG_PEEK | socket.MSG_DONTWAIT, peeked)
+    except BlockingIOError:
+        if obj.gettimeout() != 0.0:
+            return  # another thread took it: wait again
+        raise
+    try:
+        memfd, kind, size = _check_handoff(peeked, shared)
+    except (ValueError, PermissionError, EOFError):
+        _receive(obj, socket.MSG_DONTWAIT, taken)  # a refused message leaves the socket, closed
+        raise
+    state["memfd"], state["kind"] = memfd, kind
+    pages = state["pages"] = PageBuffer._placeholder(size)
+    address = state["address"] = pages.address
+    flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
+    mapped.extend(map(_mmap_fn, (address,), (size,), (_RW,), (flags,), (memfd.fileno(),), (0,)))
+    if mapped[0] != address:
+        raise OSError(ctypes.get_errno(), f"takeover: mmap failed: {os.strerror(ctypes.get_errno())}")
+    pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind
+    if kind == "memfd":  # as in PageBuffer._adopt
+        pages.madvise(_MADV_DONTFORK)
+        _shared_buffers.add(weakref.ref(pages, _shared_buffers.discard))
+    _receive(obj, socket.MSG_DONTWAIT, taken)  # one C step: from here the pages are the caller's
+    same = [os.path.sameopenfile(got.fileno(), memfd.fileno()) for got in _rights(taken[:1], taken[1:])]
+    if taken[0][0] != peeked[0][0] or same == [False]:  # []: no descriptor was free for the duplicate
+        raise RuntimeError("takeover: another process took this handoff off the socket, and this one "
+                           "another's: only one process may take handoffs from a socket")
+
+
+def _check_handoff(peeked: list, shared: bool) -> tuple[Any, str, int]:
+    """The peeked message checked: (the memfd's owner, how to map it, its size); raises if refused."""
+    (data, _, msg_flags, _), owners = peeked[0], peeked[1:]
+    rights = _rights(peeked[:1], owners)
+    if not data and not owners:
+        raise EOFError("takeover: the peer closed the socket without a handoff")
+    if msg_flags & socket.MSG_CTRUNC:
+        raise ValueError(f"takeover: a malformed handoff: more than {_MAX_FDS} descriptors (MSG_CTRUNC)")
+    if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):  # MSG_TRUNC: longer
+        raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
+    if len(rights) != 1:
+        raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(rights)}")
+    size = _HANDOFF_HEADER.unpack(data)[1]
+    return rights[0], _memfd_kind(rights[0].fileno(), size, shared), size
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
@@ -1079,16 +1096,18 @@ _level_and_type = operator.itemgetter(0, 1)
 _descriptor_numbers = functools.partial(array.array, "i")
 
 
-def _receive(obj: socket.socket, want: int, replies: list, owners: list) -> None:
-    """One C step: ``recvmsg``, its answer stored in ``replies``, and each descriptor it carried, in
-    any control message, given an owner in ``owners`` (see "Who owns what").  Read it bottom up:
-    every name is an iterator, and nothing runs until ``_run`` pulls the last one, all in C."""
-    reply, parsed = itertools.tee(map(obj.recvmsg, (want,), (_CONTROL_SPACE,), (_RECEIVE_FLAGS,)))
+def _receive(obj: socket.socket, flags: int, into: list) -> None:
+    """One C step: ``recvmsg`` of a handoff (and one more byte: a longer message shows; a read stops
+    after a message with descriptors), its answer stored in ``into``, then an owner for each descriptor
+    it carried, in any control message (see "Who owns what").  Read it bottom up: each name is an
+    iterator, and nothing runs until ``_run`` pulls the last one, all in C."""
+    reply, parsed = itertools.tee(map(obj.recvmsg, (_HANDOFF_HEADER.size + 1,), (_CONTROL_SPACE,),
+                                      (_RECEIVE_FLAGS | flags,)))
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
     carrying = map(_FD_MESSAGES.__contains__, map(_level_and_type, kinds))
     payloads = itertools.compress(map(_payload, messages), carrying)
     numbers = itertools.chain.from_iterable(map(_descriptor_numbers, payloads))
-    _run(itertools.chain(map(replies.append, reply), map(owners.append, map(_own_fd, numbers))))
+    _run(itertools.chain(map(into.append, reply), map(into.append, map(_own_fd, numbers))))
 
 
 def _rights(replies: list, owners: list) -> list:
