@@ -2403,6 +2403,41 @@ def test_handoff_and_probe_work_without_proc_mounted():
     assert out["probe"][1] is True, out
 
 
+@SOCKET_TYPES
+def test_threads_taking_over_from_one_socket_take_each_handoff_exactly_once(kind):
+    a, b = unix_pair(kind)
+    count, found, errors = 200, collections.Counter(), []
+
+    def taker():
+        while True:
+            try:
+                with vm.takeover(b) as got:
+                    if got[:4] == b"stop":
+                        return
+                    found[bytes(got[:8])] += 1
+            except Exception as exc:  # judged below
+                errors.append(repr(exc))
+                return
+
+    threads = [threading.Thread(target=taker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(count):
+        buf = vm.PageBuffer(PAGE, memfd=True)
+        buf[:8] = struct.pack("<Q", i)
+        vm.handoff(a, buf)
+    for _ in threads:
+        buf = vm.PageBuffer(PAGE, memfd=True)
+        buf[:4] = b"stop"
+        vm.handoff(a, buf)
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert sorted(found) == sorted(struct.pack("<Q", i) for i in range(count)) and set(found.values()) == {1}
+    a.close()
+    b.close()
+
+
 def _takeover_with_no_descriptor_free():
     a, b = unix_pair(socket.SOCK_SEQPACKET)
     buf, data = filled_memfd_buffer(2 * PAGE, 10)

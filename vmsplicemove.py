@@ -548,11 +548,11 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
         _dontneed_locked = False
 
 
-def _wait(fd: int, event: int, seconds: float | None = None) -> bool:
-    """Wait until ``fd`` is ready or hung up, or ``seconds`` passed (False); signal handlers may run."""
+def _wait(fd: int, event: int) -> None:
+    """Wait until ``fd`` is ready or hung up; signal handlers may run meanwhile."""
     poller = select.poll()
     poller.register(fd, event)
-    return bool(poller.poll(None if seconds is None else seconds * 1000))
+    poller.poll()
 
 
 def _queued(fd: int) -> int:
@@ -851,11 +851,10 @@ _CONTROL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4) + 2 * socket.CMSG_SPACE(16)  # 
 _RECEIVE_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
-@contextlib.contextmanager
-def _unix_socket(sock: Any, call: str) -> Any:
-    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket.  A descriptor is used
-    through a duplicate of our own, so that nothing here can close the caller's."""
-    owned: list = []
+def _unix_socket(sock: Any, call: str) -> socket.socket:
+    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket.  For a descriptor, a
+    duplicate of our own (nothing here can close the caller's), which the caller closes when done
+    (if a signal handler raises first, it closes when freed)."""
     if isinstance(sock, socket.socket):
         obj = sock
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -865,27 +864,26 @@ def _unix_socket(sock: Any, call: str) -> Any:
             raise _fd_error(errno.EBADF, sock, call) from None
         if not is_socket:
             raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket")
+        owned: list = []
         owned.extend(map(socket.socket, (-1,), (-1,), (-1,), map(os.dup, (sock,))))  # one C step
         obj = owned[0]
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
-    try:
-        problem = ""
-        if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
-            problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
-        elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
-            problem = "not a stream or seqpacket socket"
-        else:
-            try:
-                obj.getpeername()
-            except OSError:
-                problem = "not connected"
-        if problem:
-            raise ValueError(f"{call}: the socket is {problem}")
-        yield obj
-    finally:
-        if owned:
-            owned.pop().close()
+    problem = ""
+    if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
+        problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
+    elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+        problem = "not a stream or seqpacket socket"
+    else:
+        try:
+            obj.getpeername()
+        except OSError:
+            problem = "not connected"
+    if problem:
+        if obj is not sock:
+            obj.close()
+        raise ValueError(f"{call}: the socket is {problem}")
+    return obj
 
 
 def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
@@ -929,28 +927,30 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
         raise ValueError("handoff: these pages are a private copy-on-write view of a memfd (from a "
                          "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
                          "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
-    size, memfd, rescue = len(buf), buf._memfd, None
+    size, memfd, rescue, obj = len(buf), buf._memfd, None, None
     sent: list = []  # sendmsg's answer, stored from C
     try:
-        with _unix_socket(sock, "handoff") as obj:
-            rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
-            rescue._adopt(memfd, "memfd" if shared else "view")
-            try:
-                mmap.mmap.close(buf)
-            except BufferError:
-                raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
-                                  "it (view.release(), or leave its with block) first") from None
-            buf._memfd = None
-            _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
-            header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
-            sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
-                            (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
+        obj = _unix_socket(sock, "handoff")
+        rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
+        rescue._adopt(memfd, "memfd" if shared else "view")
+        try:
+            mmap.mmap.close(buf)
+        except BufferError:
+            raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
+                              "it (view.release(), or leave its with block) first") from None
+        buf._memfd = None
+        _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
+        header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
+        sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
+                        (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
+        if obj is not sock:
+            obj.close()
         rescue.close()
         return size
     except BaseException as exc:  # calls nothing (see "Signals"): only stores
         exc.transferred = size if sent else 0  # type: ignore[attr-defined]
         exc.buffer = rescue if buf.closed and not sent else None  # type: ignore[attr-defined]
-        rescue = memfd = None  # sent, or never unmapped: the pages are not ours to keep
+        rescue = memfd = obj = None  # sent, or never unmapped: the pages are not ours to keep
         raise
 
 
@@ -993,48 +993,50 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
     # What this call has made, for its exception handler: see _take.
-    state: dict = {"peeked": [], "taken": [], "mapped": [], "address": 0, "pages": None, "memfd": None,
-                   "kind": "view"}
+    state: dict = {"taken": [], "mapped": [], "address": 0, "pages": None, "memfd": None, "kind": "view"}
     try:
-        with _unix_socket(sock, "takeover") as obj:
-            _reserve_descriptors(obj)
-            waits = obj.gettimeout() != 0.0  # a non-blocking socket raises BlockingIOError instead
-            while not state["taken"]:
-                if waits and not _wait(obj.fileno(), select.POLLIN, obj.gettimeout()):
-                    raise socket.timeout("takeover: timed out")
-                with _takeover_lock:  # not held while waiting: takeovers on other sockets go on
-                    _take(obj, shared, state)
+        obj = _unix_socket(sock, "takeover")
+        _reserve_descriptors(obj)
+        while not state["taken"]:
+            _take(obj, shared, state)
+        if obj is not sock:
+            obj.close()
         return state["pages"]
     except BaseException as exc:  # calls nothing (see "Signals"): only stores
         pages = state["pages"] if state["taken"] and state["mapped"] == [state["address"]] else None
         if pages is not None:  # taken off the socket: the pages go with the exception
             pages._memfd, pages._kind = (state["memfd"] if state["kind"] == "memfd" else None), state["kind"]
         exc.buffer = pages  # type: ignore[attr-defined]
-        state = pages = None  # type: ignore[assignment]  # closes whatever came, in C
+        state = pages = obj = None  # type: ignore[assignment]  # closes whatever came, in C
         raise
-
-
-# One takeover at a time in this process between its look at a message and taking it, or another
-# thread's could take that message meanwhile.
-_takeover_lock = threading.Lock()
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     """Look at the next message (it stays queued; the kernel gives a peek duplicates of its
     descriptors), check it, map its memfd, then take it off the socket in one C step: interrupted
     before that, the handoff is still on the socket; after it, the pages are in ``state``."""
-    peeked, taken, mapped = state["peeked"], state["taken"], state["mapped"]
+    peeked: list = []
+    _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
     try:
-        _receive(obj, socket.MSG_PEEK | socket.MSG_DONTWAIT, peeked)
-    except BlockingIOError:
-        if obj.gettimeout() != 0.0:
-            return  # another thread took it: wait again
-        raise
-    try:
-        memfd, kind, size = _check_handoff(peeked, shared)
+        checked = _check_handoff(peeked, shared)
     except (ValueError, PermissionError, EOFError):
-        _receive(obj, socket.MSG_DONTWAIT, taken)  # a refused message leaves the socket, closed
+        with contextlib.suppress(BlockingIOError):  # (another thread took it)
+            _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # a refused message leaves, closed
         raise
+    _map_into(state, *checked)
+    try:
+        _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # one C step: now the pages are the caller's
+    except BlockingIOError:
+        return  # another thread or process took it: look at the next one
+    taken = state["taken"]
+    same = [os.path.sameopenfile(got.fileno(), checked[0].fileno()) for got in _rights(taken[:1], taken[1:])]
+    if taken[0][0] != peeked[0][0] or same == [False]:  # another took the one looked at: this one, as it is
+        _map_into(state, *_check_handoff(taken, shared))
+
+
+def _map_into(state: dict, memfd: Any, kind: str, size: int) -> None:
+    """Map ``memfd`` over fresh memory of ``size`` bytes (mmap's answer stored from C), in ``state``."""
+    mapped = state["mapped"] = []  # first: the pages of an earlier look are not these
     state["memfd"], state["kind"] = memfd, kind
     pages = state["pages"] = PageBuffer._placeholder(size)
     address = state["address"] = pages.address
@@ -1046,17 +1048,12 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     if kind == "memfd":  # as in PageBuffer._adopt
         pages.madvise(_MADV_DONTFORK)
         _shared_buffers.add(weakref.ref(pages, _shared_buffers.discard))
-    _receive(obj, socket.MSG_DONTWAIT, taken)  # one C step: from here the pages are the caller's
-    same = [os.path.sameopenfile(got.fileno(), memfd.fileno()) for got in _rights(taken[:1], taken[1:])]
-    if taken[0][0] != peeked[0][0] or same == [False]:  # []: no descriptor was free for the duplicate
-        raise RuntimeError("takeover: another process took this handoff off the socket, and this one "
-                           "another's: only one process may take handoffs from a socket")
 
 
-def _check_handoff(peeked: list, shared: bool) -> tuple[Any, str, int]:
-    """The peeked message checked: (the memfd's owner, how to map it, its size); raises if refused."""
-    (data, _, msg_flags, _), owners = peeked[0], peeked[1:]
-    rights = _rights(peeked[:1], owners)
+def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
+    """A message checked: (the memfd's owner, how to map it, its size); raises if it is refused."""
+    (data, _, msg_flags, _), owners = received[0], received[1:]
+    rights = _rights(received[:1], owners)
     if not data and not owners:
         raise EOFError("takeover: the peer closed the socket without a handoff")
     if msg_flags & socket.MSG_CTRUNC:
