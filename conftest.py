@@ -1,5 +1,6 @@
 """pytest options for vmsplicemove's suite: --soak runs the long versions;
-the marker ``needs_vmsplice`` skips a test where vmsplice(2) cannot be used."""
+the marker ``needs_vmsplice`` skips a test where vmsplice(2) cannot be used;
+``stability`` marks the tests .ci/run repeats."""
 
 import signal
 
@@ -16,6 +17,11 @@ def pytest_configure(config):
         "markers",
         "needs_vmsplice: the test calls vmsplice(2) itself or checks what it does; skipped "
         "where probe().vmsplice is False (gVisor, a seccomp profile that refuses it)")
+    config.addinivalue_line(
+        "markers",
+        "stability: timing- or signal-sensitive (signal storms, interrupts, threads that wait for "
+        "each other): .ci/run runs `pytest -m stability` again, five times on the oldest and the "
+        "newest CPython, to prove that none of them fails by chance")
 
 
 def pytest_runtest_setup(item):
