@@ -2048,6 +2048,7 @@ def _live_storm(seed, kind, count, where):
     return outcomes
 
 
+@pytest.mark.stability
 @SOCKET_TYPES
 @pytest.mark.parametrize("where", ["handoff", "handoff takeover"])
 def test_live_update_under_a_signal_storm_never_loses_or_doubles_the_pages(kind, where, soak):
@@ -2250,6 +2251,7 @@ def _leak_storm(what, seed, rounds, floor, cap=40.0):
     return stats
 
 
+@pytest.mark.stability
 @pytest.mark.parametrize("what", ["PageBuffer(memfd=True)", "handoff/takeover", "move into a bytearray",
                                   "vmsplice()"])
 def test_a_raising_signal_storm_leaks_nothing_and_loses_no_handoff(what):
@@ -2318,6 +2320,7 @@ def _one_interrupt_per_handoff(seed, rounds):
     return out
 
 
+@pytest.mark.stability
 def test_handoff_cut_by_one_signal_always_says_what_happened():
     seed = _storm_seed()
     out = _isolated(_one_interrupt_per_handoff, seed, 400, timeout=120, label=f"seed {seed}")
@@ -2404,6 +2407,7 @@ def test_handoff_and_probe_work_without_proc_mounted():
     assert out["probe"][1] is True, out
 
 
+@pytest.mark.stability
 @SOCKET_TYPES
 def test_threads_taking_over_from_one_socket_take_each_handoff_exactly_once(kind):
     a, b = unix_pair(kind)
