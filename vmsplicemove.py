@@ -643,8 +643,8 @@ def _refill_is_huge(advice: int) -> bool:
         import resource  # here only: a small C module
         with PageBuffer(2 * hp, huge=True) as test:
             at = -(-test.address // hp) * hp
-            for i in (0, 1):
-                ctypes.memset(at, 1, hp)
+            ctypes.memset(at, 1, hp)
+            for i in (1, 0):  # with the re-drop, then without
                 for drop in ((at, hp // 2), (at + hp // 2, hp // 2), (at, hp))[:2 + i]:  # as gift does
                     _madvise_fn(*drop, advice)
                 before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
@@ -652,7 +652,7 @@ def _refill_is_huge(advice: int) -> bool:
                 faults[i] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
     except (ImportError, AttributeError, OSError):  # no RUSAGE_THREAD (not Linux), no memory
         faults = [0, 0]
-    _mend = faults[0] > 8 * (faults[1] + 1)  # 512 and 1 where it works
+    _mend = faults[0] > 8 * (faults[1] + 1)  # 512 without, 1 with, where it works
     return _mend
 
 
