@@ -6,8 +6,9 @@
 Each scenario times its methods interleaved (the machine's noise hits them
 all), the median of ``--runs`` after a warm-up, and verifies every byte after
 every run.  The ratios are measured in the same run and compared with the
-project's targets.  Not part of the vendored module: it imports the module's
-private helpers.
+project's targets; the header gives this machine's limits beside them (memcpy
+bandwidth, the cost of a 4 KiB and of a huge-page fault, the module's import
+time).  Not part of the vendored module: it imports the module's private helpers.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import inspect
 import json
 import os
+import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 
 import vmsplicemove as vm
@@ -118,7 +123,7 @@ def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
         start = time.perf_counter()
         for i in range(count):
             got = move(r, dst) if method == "gift" else _read_into(r, dst, chunk)
-            if got != chunk or struct.unpack_from("<Q", dst)[0] != i or dst[8:] != source:
+            if got != chunk or struct.unpack_from("<Q", dst)[0] != i or dst.find(source, 8) != 8:
                 raise RuntimeError(f"stream {method}: chunk {i} arrived wrong")
         seconds = time.perf_counter() - start
     return {"seconds": seconds}
@@ -126,9 +131,13 @@ def _stream_once(chunk: int, count: int, method: str, seed: int) -> dict:
 
 def _refault_cost(chunk: int) -> dict:
     """What gifting a reused buffer trades: the refill of a gifted chunk
-    faults every page back in, zeroed; a plain write costs one more copy."""
+    faults every page back in, zeroed; a plain write costs one more copy.
+    For huge pages also the refill after a drop in two halves, as a gift
+    through a pipe of half a huge page leaves it without the module's re-drop
+    of the whole huge page: 512 small faults."""
     source = _stream_source(chunk, 1)
-    refill, copy = [], []
+    refill, copy, split = [], [], []
+    half = vm._HUGE_PAGE_SIZE // 2
     with PageBuffer(chunk) as buf:
         buf[:] = source
         for _ in range(21):
@@ -139,9 +148,20 @@ def _refault_cost(chunk: int) -> dict:
             buf[:] = source  # into present pages: copy
             refill.append(middle - start)
             copy.append(time.perf_counter() - middle)
+            if buf.huge:
+                for offset in range(0, chunk, half):
+                    buf.discard(offset, half)
+                start = time.perf_counter()
+                buf[:] = source
+                split.append(time.perf_counter() - start)
+                buf.discard()  # a fresh huge page for the next round
+                buf[:] = source
         huge = buf.huge
-    return {"chunk": chunk, "huge_pages": huge, "copy_us": _median(copy) * 1e6,
-            "faults_us": (_median(refill) - _median(copy)) * 1e6}
+    result = {"chunk": chunk, "huge_pages": huge, "copy_us": _median(copy) * 1e6,
+              "faults_us": (_median(refill) - _median(copy)) * 1e6}
+    if split:
+        result["split_faults_us"] = (_median(split) - _median(copy)) * 1e6
+    return result
 
 
 # -- calls: one-page round trips in one process -------------------------------
@@ -193,13 +213,84 @@ def _calls_once(count: int, method: str) -> dict:
     return {"seconds": seconds}
 
 
-# -- the harness ----------------------------------------------------------------
+# -- chain: a region handed on through hops, as live updates do (issue 14) ------
 
-SCENARIOS = {
-    "migrate": (tuple(MIGRATE_METHODS), "a region filled in a child process, brought to its parent"),
-    "stream": (STREAM_METHODS, "one reused buffer refilled and sent, chunk after chunk"),
-    "calls": (CALLS_METHODS, "one-page gift and move round trips in one process"),
-}
+CHAIN_METHODS = ("shared", "sealed")
+CHAIN_HOPS = 3  # handoffs: first sender -> hop -> hop -> this process
+
+
+def _chain_supported() -> bool:
+    """Whether this module has shared handoffs (handoff and takeover with ``shared``)."""
+    return all("shared" in inspect.signature(fn).parameters for fn in (vm.handoff, vm.takeover))
+
+
+def _chain_take(sock: socket.socket, shared: bool) -> PageBuffer:
+    return vm.takeover(sock, shared=shared)
+
+
+def _chain_first(sock: socket.socket, status: int, size: int, shared: bool, seed: int) -> None:
+    buf = PageBuffer(size, memfd=True)
+    vm._fill(buf, seed)
+    os.write(status, b"R")
+    if os.read(status, 1) == b"G":
+        vm.handoff(sock, buf, shared=shared)
+
+
+def _chain_hop(left: socket.socket, right: socket.socket, shared: bool) -> None:
+    buf = _chain_take(left, shared)
+    if not shared:  # sealed pages cannot be handed on: the copy each later hop needs
+        copy = PageBuffer(len(buf), memfd=True)
+        copy[:] = buf
+        buf.close()
+        buf = copy
+    vm.handoff(right, buf, shared=shared)
+
+
+def _chain_once(size: int, method: str, seed: int) -> dict:
+    """``size`` bytes filled in a child, handed through CHAIN_HOPS - 1 more
+    children to this process, which reads a byte of every page: the time
+    from the go until that read is done."""
+    shared = method == "shared"
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(CHAIN_HOPS)]
+    status, status_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    everything = [s.fileno() for pair in pairs for s in pair] + [status.fileno(), status_child.fileno()]
+
+    def keep(*socks: socket.socket) -> list:  # what a child closes: every descriptor but its own
+        return [fd for fd in everything if fd not in {s.fileno() for s in socks}]
+    pids = [vm._in_child(_chain_first, pairs[0][0], status_child.fileno(), size, shared, seed,
+                         close=keep(pairs[0][0], status_child))]
+    for hop in range(1, CHAIN_HOPS):
+        left, right = pairs[hop - 1][1], pairs[hop][0]
+        pids.append(vm._in_child(_chain_hop, left, right, shared, close=keep(left, right)))
+    last = pairs[-1][1]
+    try:
+        for sock in (s for pair in pairs for s in pair if s is not last):
+            sock.close()
+        status_child.close()
+        vm._status(status.fileno())  # "R": the first sender has filled its region
+        start = time.perf_counter()
+        status.send(b"G")
+        try:
+            dst = _chain_take(last, shared)
+        except EOFError:
+            raise RuntimeError(f"chain {method}: a hop failed (its traceback is above)") from None
+        _ = dst[::PAGE_SIZE]  # a byte of every page
+        seconds = time.perf_counter() - start
+        bad = vm._mismatch(dst, seed, size)
+        dst.close()
+        if bad is not None:
+            raise RuntimeError(f"chain {method}: data differs at byte {bad} of {size}")
+    finally:
+        last.close()
+        status.close()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    return {"seconds": seconds}
+
+
+# -- this machine's limits --------------------------------------------------------
 
 
 def _copy_bandwidth(size: int) -> float:
@@ -213,6 +304,82 @@ def _copy_bandwidth(size: int) -> float:
     return size / best
 
 
+def _fault_costs(size: int = 64 << 20) -> dict:
+    """One page fault here, zeroing included, in microseconds: a byte written to every
+    page of fresh memory, 4 KiB pages and huge pages (None where the kernel gave none),
+    the median of 5."""
+    costs: dict = {}
+    for key, huge, step in (("fault_4k_us", False, PAGE_SIZE), ("fault_huge_us", True, vm._HUGE_PAGE_SIZE)):
+        times, real = [], True
+        for _ in range(5):
+            with PageBuffer(size, huge=huge) as buf:
+                start = time.perf_counter()
+                buf[::step] = b"\1" * (size // step)
+                times.append(time.perf_counter() - start)
+                real = real and vm._resident(buf) == size  # huge pages: all of each one is there
+        costs[key] = _median(times) / (size // step) * 1e6 if real else None
+    return costs
+
+
+def _fill_cost(size: int, runs: int) -> dict:
+    """Creating and filling (memset) ``size`` bytes of a private PageBuffer and of a memfd
+    one, each with its default huge-page choice: the medians of ``runs``, in seconds."""
+    out: dict = {}
+    for kind, memfd in (("private", False), ("memfd", True)):
+        create, fill = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            buf = PageBuffer(size, memfd=memfd)
+            middle = time.perf_counter()
+            ctypes.memset(buf.address, 0x5A, size)
+            fill.append(time.perf_counter() - middle)
+            create.append(middle - start)
+            huge = buf.huge
+            buf.close()  # not by "with": mmap's __exit__ skips PageBuffer.close, leaving the memfd open
+            del buf
+        out[kind] = {"create_s": _median(create), "fill_s": _median(fill), "huge": huge}
+    return out
+
+
+def _import_time(runs: int = 5) -> dict:
+    """``import vmsplicemove`` in fresh interpreters (``-X importtime``, bytecode cached in a
+    temporary directory, as an installed module has it): the module's own cumulative time and
+    that of each module it imports first that takes a millisecond or more, medians in ms."""
+    samples: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = cache
+        for run in range(runs + 1):  # run 0 writes the bytecode
+            done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vmsplicemove"],
+                                  cwd=os.path.dirname(os.path.abspath(vm.__file__)), env=env,
+                                  capture_output=True, text=True, timeout=60)
+            # "import time: self | cumulative | name", the name indented two spaces a level
+            rows = [(int(cumulative), name[1:]) for _, cumulative, name in
+                    (line.split("|") for line in done.stderr.splitlines() if line.count("|") == 2)
+                    if cumulative.strip().isdigit()]
+            if done.returncode or not rows or rows[-1][1] != "vmsplicemove":
+                return {}
+            top = [i for i, (_, name) in enumerate(rows) if not name.startswith(" ")]
+            first = top[-2] + 1 if len(top) > 1 else 0  # after the import before ours (site)
+            for cumulative, name in rows[first:] if run else ():
+                if not name.startswith("   "):  # ours, or one that it imports itself
+                    samples.setdefault(name.strip(), []).append(cumulative / 1000)
+    return {"module_ms": _median(samples.pop("vmsplicemove")),
+            "imports_ms": {name: _median(t) for name, t in samples.items() if _median(t) >= 1}}
+
+
+# -- the harness ----------------------------------------------------------------
+
+SCENARIOS = {
+    "migrate": (tuple(MIGRATE_METHODS), "a region filled in a child process, brought to its parent"),
+    "stream": (STREAM_METHODS, "one reused buffer of --chunk bytes refilled and sent, chunk after chunk"),
+    "stream-huge": (STREAM_METHODS, "the same with a buffer of one huge page (2 MiB here)"),
+    "calls": (CALLS_METHODS, "one-page gift and move round trips in one process"),
+    "chain": (CHAIN_METHODS, f"a region handed through {CHAIN_HOPS} hops, then every page read:\n"
+                             "              shared handoffs against sealed ones plus a copy per later hop"),
+}
+
+
 def _median(values: list) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -220,17 +387,24 @@ def _median(values: list) -> float:
 
 
 def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
-    size, chunk = args.size, args.chunk
+    size, chunk = args.size, vm._HUGE_PAGE_SIZE if name == "stream-huge" else args.chunk
+    if name == "chain" and not _chain_supported():
+        return {"skipped": "handoff and takeover have no shared parameter here (issue 14 not in "
+                           "this vmsplicemove yet)"}
     if name == "migrate":
         def once(method: str, seed: int) -> dict:
             return _migrate_once(size, method, seed)
         volume = size
-    elif name == "stream":
+    elif name.startswith("stream"):
         count = max(1, 4 * size // chunk)
         volume = count * chunk
 
         def once(method: str, seed: int) -> dict:
             return _stream_once(chunk, count, method, seed)
+    elif name == "chain":
+        def once(method: str, seed: int) -> dict:
+            return _chain_once(size, method, seed)
+        volume = size
     else:
         count = size // PAGE_SIZE
         volume = count * PAGE_SIZE
@@ -241,9 +415,9 @@ def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
     runs: dict = {m: [] for m in methods}
     for run in range(args.runs + 1):  # run 0 is the warm-up
         for method in methods:  # interleaved: the machine's noise hits them all
-            result = once(method, seed=run * 16 + methods.index(method) + 1)
+            timed = once(method, seed=run * 16 + methods.index(method) + 1)
             if run:
-                runs[method].append(result)
+                runs[method].append(timed)
     table = {}
     for method in methods:
         seconds = [r["seconds"] for r in runs[method]]
@@ -257,17 +431,20 @@ def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
             for key in ("parent_peak", "peak_both"):
                 entry[key] = max(r[key] for r in runs[method])
         table[method] = entry
-    result = {"bytes": volume, "methods": table, "ratios": _ratios(name, table, size)}
-    if name == "stream":
+    result: dict = {"bytes": volume, "methods": table}
+    if name.startswith("stream"):
         result["bound"] = _refault_cost(chunk)
+    if name == "migrate":
+        result["fill"] = _fill_cost(size, args.runs)
+    result["ratios"] = _ratios(name, table, size, result)
     return result
 
 
-def _ratios(name: str, table: dict, size: int) -> dict:
-    """Same-run ratios, each with the project's target."""
-    def ratio(a: str, b: str, target: float, a_key: str = "median_s") -> dict:
+def _ratios(name: str, table: dict, size: int, result: dict) -> dict:
+    """Same-run ratios, each with the project's target (None: shown for reference)."""
+    def ratio(a: str, b: str, target: float | None, a_key: str = "median_s") -> dict:
         value = table[b]["median_s"] / table[a][a_key]
-        return {"value": value, "target": target, "met": value >= target}
+        return {"value": value, "target": target, "met": None if target is None else value >= target}
 
     def at_most(value: float, target: float) -> dict:
         return {"value": value, "target": target, "met": value <= target, "at_most": True}
@@ -276,12 +453,16 @@ def _ratios(name: str, table: dict, size: int) -> dict:
                 "gift / plain-prefaulted": ratio("gift", "plain-prefaulted", 1.3),
                 "writer resident at end / region": at_most(table["gift"]["writer_region_resident"] / size,
                                                            0.05),
-                "handoff takeover vs gift": ratio("handoff", "gift", 2.0),
-                "handoff every page read vs gift": ratio("handoff", "gift", 1.2, "every_page_median_s"),
+                "handoff takeover vs gift": ratio("handoff", "gift", 20.0),
+                "handoff every page read vs gift": ratio("handoff", "gift", 8.0, "every_page_median_s"),
                 "handoff peak, both processes / region": at_most(table["handoff"]["peak_both"] / size,
                                                                  1.1)}
-    if name == "stream":
-        return {"gift / plain": ratio("gift", "plain", 1.3)}
+    if name.startswith("stream"):
+        # Whole huge pages refill with one fault each (the module re-drops a huge page a gift
+        # emptied in pieces); 4 KiB pages fault 256 times per MiB, more than the copy saved.
+        return {"gift / plain": ratio("gift", "plain", 1.5 if result["bound"]["huge_pages"] else None)}
+    if name == "chain":
+        return {"shared / sealed": ratio("shared", "sealed", 20.0)}
     return {"public / bare-ctypes": ratio("public", "bare-ctypes", 0.5)}
 
 
@@ -294,7 +475,14 @@ def _shmem_thp() -> str:
         return "unavailable"
 
 
-def _print_scenario(name: str, scenario: dict) -> None:
+def _us(value: float | None) -> str:
+    return "none here" if value is None else f"{value:.2f} us" if value < 10 else f"{value:.0f} us"
+
+
+def _print_scenario(name: str, scenario: dict, limits: dict) -> None:
+    if "skipped" in scenario:
+        print(f"\n{name}: skipped: {scenario['skipped']}")
+        return
     print(f"\n{name}: {vm._human(scenario['bytes'])}")
     for method, entry in scenario["methods"].items():
         line = f"  {method:<18} {entry['median_s']:9.4f} s  {entry['gib_s']:7.2f} GiB/s"
@@ -311,13 +499,25 @@ def _print_scenario(name: str, scenario: dict) -> None:
         print(line)
     for label, r in scenario["ratios"].items():
         bound = "at most" if r.get("at_most") else "target"
-        print(f"  {label:<38} {r['value']:6.2f}   ({bound} {r['target']}: "
-              f"{'met' if r['met'] else 'MISSED'})")
+        verdict = (f"{bound} {r['target']}: {'met' if r['met'] else 'MISSED'}" if r["target"] is not None
+                   else "no target: 4 KiB pages, see the bound")
+        print(f"  {label:<38} {r['value']:6.2f}   ({verdict})")
+    if name == "migrate":
+        huge, count = limits["fault_huge_us"], scenario["bytes"] // vm._HUGE_PAGE_SIZE
+        copy_s = scenario["bytes"] / limits["copy_bandwidth_gib_s"] / 2**30
+        faults = f" + {count} fresh huge-page faults {count * huge / 1e6:.4f} s" if huge and count else ""
+        print(f"  bound for gift and move: one copy at memcpy speed {copy_s:.4f} s{faults}")
+        for kind, fill in scenario["fill"].items():
+            print(f"  fill of a {kind} PageBuffer ({'huge' if fill['huge'] else '4 KiB'} pages): "
+                  f"{fill['fill_s']:.4f} s, created in {fill['create_s']:.4f} s")
     if "bound" in scenario:
         b = scenario["bound"]
         pages = "huge pages" if b["huge_pages"] else f"{PAGE_SIZE // 1024} KiB pages"
         print(f"  bound: refilling a gifted {vm._human(b['chunk'])} chunk ({pages}) costs "
               f"{b['faults_us']:.0f} us of page faults, to save one {b['copy_us']:.0f} us copy")
+        if "split_faults_us" in b:
+            print(f"  (dropped in two halves, as through a pipe of half a huge page, and not dropped "
+                  f"whole again: {b['split_faults_us']:.0f} us)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -326,27 +526,35 @@ def _bench(args: argparse.Namespace) -> int:
     pipe_size = fcntl.fcntl(w, vm._F_GETPIPE_SZ)
     os.close(r)
     os.close(w)
+    limits = {"copy_bandwidth_gib_s": _copy_bandwidth(64 << 20) / 2**30, **_fault_costs()}
     result = {
         "kernel": support.kernel, "huge_pages": support.huge_pages, "shmem_thp": _shmem_thp(),
         "pipe_size": pipe_size, "vmsplice": support.vmsplice, "move": support.move,
         "handoff": support.handoff, "cpus": os.cpu_count(), "python": sys.version.split()[0],
-        "runs": args.runs, "copy_bandwidth_gib_s": _copy_bandwidth(64 << 20) / 2**30,
-        "scenarios": {},
+        "runs": args.runs, **limits, "import": _import_time(), "scenarios": {},
     }
     if not args.json:
         print(f"vmsplicemove bench: kernel {support.kernel}, THP {support.huge_pages}, "
               f"pipe {vm._human(pipe_size)}, {os.cpu_count()} CPUs, Python {result['python']}")
         print(f"median of {args.runs} runs after a warm-up, methods interleaved, "
-              f"every byte verified after every run; memcpy reference "
-              f"{result['copy_bandwidth_gib_s']:.2f} GiB/s")
+              f"every byte verified after every run")
+        print(f"limits here: memcpy {limits['copy_bandwidth_gib_s']:.2f} GiB/s; a page fault (zeroing "
+              f"included) {_us(limits['fault_4k_us'])} for 4 KiB, {_us(limits['fault_huge_us'])} for "
+              f"{vm._human(vm._HUGE_PAGE_SIZE)}")
         small = result["shmem_thp"] in ("never", "deny", "unavailable")
-        print(f"shmem THP (/sys/kernel/mm/transparent_hugepage/shmem_enabled): {result['shmem_thp']}: "
-              f"handoff's memfd has {'4 KiB pages' if small else 'huge pages where the kernel gives them'}")
+        print(f"shmem THP (/sys/kernel/mm/transparent_hugepage/shmem_enabled): {result['shmem_thp']}"
+              f"{': huge memfd pages only by MADV_COLLAPSE' if small else ''}")
+        found = result["import"]
+        if found:
+            heavy = sorted(found["imports_ms"].items(), key=lambda item: -item[1])
+            parts = ", ".join(f"{name} {ms:.1f}" for name, ms in heavy)
+            print(f"import vmsplicemove: {found['module_ms']:.1f} ms (-X importtime, bytecode cached, median "
+                  f"of 5){'; of which ' + parts + ' ms' if parts else ''}")
     for name in dict.fromkeys(args.scenarios):
         scenario = _bench_scenario(name, args)
         result["scenarios"][name] = scenario
         if not args.json:
-            _print_scenario(name, scenario)
+            _print_scenario(name, scenario, limits)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -363,7 +571,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    listing = "\n".join(f"  {name:<8} {text}\n           methods: {', '.join(methods)}"
+    listing = "\n".join(f"  {name:<11} {text}\n              methods: {', '.join(methods)}"
                         for name, (methods, text) in SCENARIOS.items())
     parser = argparse.ArgumentParser(
         prog="python3 bench_vmsplicemove.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -376,10 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--runs", type=_positive_int, default=5, help="timed runs per method (default 5)")
     parser.add_argument("--size", type=vm._parse_size, default=256 << 20,
-                        help="migrate's region; stream sends 4x this, calls moves it a page at a time "
-                             "(default 256M)")
+                        help="migrate's and chain's region; stream sends 4x this, calls moves it a "
+                             "page at a time (default 256M)")
     parser.add_argument("--chunk", type=vm._parse_size, default=1 << 20,
-                        help="stream's reused buffer (default 1M)")
+                        help="stream's reused buffer (default 1M; stream-huge uses one huge page)")
     args = parser.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:

@@ -591,6 +591,117 @@ def test_error_after_partial_gift_comes_on_the_next_call():
     os.close(w)
 
 
+# -- huge pages gifted in pieces: dropped whole once more, refilled with one fault ----------
+#
+# Through a pipe of half a huge page, a gift drops each huge page in two steps: the first splits
+# it, and the refill would take 512 small faults.  After the step that empties a huge page the
+# call gifted whole, gift drops it whole once more (only pages already dropped), where this
+# kernel then frees the empty page table (CONFIG_PT_RECLAIM): observed once, lazily.
+
+
+def anon_huge_kib(address):
+    """AnonHugePages (KiB) of the mapping that contains ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_refill_detection_matches_what_smaps_shows():
+    hp = vm._HUGE_PAGE_SIZE
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"THP is {thp_mode()}")
+    advice = vm._MADV_DONTNEED_LOCKED if vm._dontneed_locked else vm._MADV_DONTNEED
+    saved = vm._mend
+    with vm.PageBuffer(2 * hp, huge=True) as buf:
+        start = -buf.address % hp  # the huge page inside, on a huge-page boundary
+        buf.discard()
+        none = anon_huge_kib(buf.address)
+        buf[start:start + hp] = b"\1" * hp
+        if anon_huge_kib(buf.address) - none < hp >> 10:
+            pytest.skip("the kernel has no huge page to give now")
+        buf.discard(start, hp // 2)  # as two steps of a gift: the first splits it
+        buf.discard(start + hp // 2, hp // 2)
+        buf.discard(start, hp)  # the re-drop
+        buf[start:start + hp] = b"\2" * hp
+        refilled_huge = anon_huge_kib(buf.address) - none >= hp >> 10
+    try:
+        assert vm._refill_is_huge(advice) is refilled_huge
+        assert vm._mend is refilled_huge
+    finally:
+        vm._mend = saved
+
+
+@needs_vmsplice
+@pytest.mark.parametrize("first, last", [(0, 0), (1, 0), (0, 1), (256, 256), (300, 700)],
+                         ids=["whole", "from-page-1", "to-the-last-but-one", "halves", "inside"])
+def test_gift_of_huge_pages_in_pieces_keeps_the_rest_and_refills_in_huge_pages(first, last):
+    """``first`` and ``last``: pages of a two-huge-page buffer left out of the gift at each end."""
+    hp = vm._HUGE_PAGE_SIZE
+    size = 2 * hp
+    with vm.PageBuffer(size, huge=True) as buf:
+        if not buf.huge or buf.address % hp:
+            pytest.skip("needs huge pages on a huge-page boundary (THP, Linux 6.7+)")
+        data = pattern(size, 7)
+        buf[:] = data
+        offset, length = first * PAGE, size - (first + last) * PAGE
+        whole = sum(offset <= h and h + hp <= offset + length for h in range(0, size, hp))
+        r, w = vm.pipe(min(hp // 2, pipe_max_size()))  # each huge page emptied in two steps or more
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(data=read_exactly(r, length)))
+        reader.start()
+        try:
+            assert vm.gift(w, buf, offset, length) == length
+        finally:
+            reader.join()
+            os.close(r)
+            os.close(w)
+        assert got["data"] == data[offset:offset + length]
+        assert buf[offset:offset + length] == bytes(length)
+        assert buf[:offset] == data[:offset] and buf[offset + length:] == data[offset + length:]
+        if whole:
+            assert vm._mend is not None  # observed when first needed
+        before = anon_huge_kib(buf.address)
+        buf[offset:offset + length] = data[offset:offset + length]
+        if vm._mend:
+            assert anon_huge_kib(buf.address) - before >= whole * hp >> 10
+        assert buf[:] == data
+
+
+def test_refill_detection_waits_for_the_first_huge_page_emptied_in_pieces():
+    code = """if True:
+        import os, vmsplicemove as vm
+        seen = [vm._mend]
+        r, w = vm.pipe(min(vm._HUGE_PAGE_SIZE // 2, int(open('/proc/sys/fs/pipe-max-size').read())))
+        with vm.PageBuffer(4 * vm.PAGE_SIZE) as small:
+            vm.gift(w, small)
+            os.read(r, len(small))
+        seen.append(vm._mend)
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            while os.read(r, 1 << 20):
+                pass
+            os._exit(0)
+        os.close(r)
+        with vm.PageBuffer(2 * vm._HUGE_PAGE_SIZE, huge=True) as big:
+            vm.gift(w, big)
+        os.close(w)
+        os.waitpid(pid, 0)
+        print(seen + [vm._mend])
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after_small, after_huge = eval(done.stdout)
+    assert before is None and after_small is None
+    assert after_huge in (True, False)  # a 4 MiB gift empties a whole huge page in pieces
+
+
 # -- the error rules: one table, one test per rule ------------------------------------
 #
 # Every rule runs in a child process of its own, against a fresh ``Env``: a pipe
@@ -2582,10 +2693,22 @@ def test_bench_runs_every_scenario_with_tiny_sizes():
     result = json.loads(done.stdout)
     assert result["kernel"] == os.uname().release
     scenarios = result["scenarios"]
-    assert set(scenarios) == {"migrate", "stream", "calls"}
+    assert set(scenarios) == {"migrate", "stream", "stream-huge", "calls", "chain"}
     assert {"gift", "handoff"} <= set(scenarios["migrate"]["methods"])
-    assert set(scenarios["stream"]["methods"]) == {"gift", "plain"}
+    for name in ("stream", "stream-huge"):
+        assert set(scenarios[name]["methods"]) == {"gift", "plain"}, name
     assert set(scenarios["calls"]["methods"]) == {"public", "bare-ctypes"}
+    shared = "shared" in (vm.takeover.__kwdefaults__ or {})
+    assert ("skipped" in scenarios["chain"]) is not shared, scenarios["chain"]
+    if not shared:
+        assert "shared parameter" in scenarios.pop("chain")["skipped"]
+    for key in ("copy_bandwidth_gib_s", "fault_4k_us"):
+        assert result[key] > 0, key
+    assert result["import"]["module_ms"] > 0
+    # 64 KiB chunks are 4 KiB pages: shown without a target; one huge page: the 1.5x target
+    assert scenarios["stream"]["ratios"]["gift / plain"]["target"] is None
+    assert scenarios["stream-huge"]["ratios"]["gift / plain"]["target"] == (
+        1.5 if scenarios["stream-huge"]["bound"]["huge_pages"] else None)
     for name, scenario in scenarios.items():
         methods = scenario["methods"]
         for method, entry in methods.items():
@@ -2594,7 +2717,11 @@ def test_bench_runs_every_scenario_with_tiny_sizes():
         for label, ratio in scenario["ratios"].items():
             value, target = ratio["value"], ratio["target"]
             at_most = ratio.get("at_most", False)
-            assert (value >= 0 if at_most else value > 0) and target > 0, (name, label, ratio)
+            assert value >= 0 if at_most else value > 0, (name, label, ratio)
+            if target is None:
+                assert ratio["met"] is None, (name, label, ratio)
+                continue
+            assert target > 0, (name, label, ratio)
             met = value <= target if at_most else value >= target
             assert ratio["met"] is met, (name, label, ratio)
             pair = re.fullmatch(r"(\S+) / (\S+)", label)
@@ -2610,7 +2737,7 @@ def test_bench_text_help_and_bad_arguments():
     assert "public" in text.stdout and "bare-ctypes" in text.stdout
     shown = run_bench("--help", timeout=60)
     assert shown.returncode == 0
-    for name in ("migrate", "stream", "calls"):
+    for name in ("migrate", "stream", "stream-huge", "calls", "chain"):
         assert name in shown.stdout
     for args in (["nope"], ["--runs", "0"], ["--size", "inf"]):
         done = run_bench(*args, timeout=60)
@@ -2621,6 +2748,70 @@ def test_bench_text_help_and_bad_arguments():
 def test_module_docstring_example():
     import doctest
     assert doctest.testmod(vm).failed == 0
+
+
+# A free import: no child process (ctypes.util.find_library("c") runs /sbin/ldconfig -p), and no
+# module that only annotations need.  Its time is the benchmark's to measure.
+_IMPORT_WATCH = """if True:
+    import json, sys
+    spawned = []
+    def hook(event, args):
+        if event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+                     "os.fork", "os.forkpty"):
+            spawned.append(event)
+    sys.addaudithook(hook)
+    before = set(sys.modules)
+    import vmsplicemove
+    print(json.dumps({"spawned": spawned, "new": sorted(set(sys.modules) - before),
+                      "mend": vmsplicemove._mend}))
+"""
+
+
+def test_import_starts_no_process_and_loads_no_module_it_does_not_need():
+    done = subprocess.run([sys.executable, "-c", _IMPORT_WATCH], cwd=HERE, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["spawned"] == []
+    assert not {"subprocess", "ctypes.util", "typing", "resource"} & set(found["new"]), found["new"]
+    assert found["mend"] is None  # observed at the first gift that needs it, not at import
+
+
+def test_import_makes_no_execve_under_strace():
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    with tempfile.NamedTemporaryFile("r") as log:
+        done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", log.name,
+                               sys.executable, "-c", "import vmsplicemove"],
+                              cwd=HERE, capture_output=True, text=True, timeout=60)
+        if done.returncode and "ptrace" in done.stderr:
+            pytest.skip(f"strace cannot trace here: {done.stderr.strip()}")
+        assert done.returncode == 0, done.stderr
+        calls = [line for line in log.read().splitlines() if "execve(" in line]
+    assert len(calls) == 1, calls  # the interpreter itself
+
+
+def test_import_without_fcntl_says_the_module_needs_posix():
+    code = """if True:
+        import sys
+        class NoFcntl:  # as on Windows: neither fcntl nor termios
+            def find_spec(self, name, path=None, target=None):
+                if name in ("fcntl", "termios"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        for name in ("fcntl", "termios"):
+            sys.modules.pop(name, None)
+        sys.meta_path.insert(0, NoFcntl())
+        try:
+            import vmsplicemove
+        except ImportError as exc:
+            print(type(exc).__name__, exc, exc.__cause__ is None and exc.__suppress_context__, sep="|")
+    """
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    kind, message, clean = done.stdout.strip().split("|")
+    assert kind == "ImportError" and clean == "True"
+    assert "needs Linux, or another POSIX system" in message and "no fcntl module" in message
 
 
 def readme_examples():

@@ -34,10 +34,8 @@ import array
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import errno
-import fcntl
 import functools
 import itertools
 import mmap
@@ -48,11 +46,20 @@ import socket
 import stat
 import struct
 import sys
-import termios
 import threading
 import weakref
-from collections.abc import Sequence
-from typing import Any
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    raise ImportError("vmsplicemove needs Linux, or another POSIX system (where gift and move copy, "
+                      "without vmsplice(2)): this Python has no fcntl module") from None
+
+TYPE_CHECKING = False  # typing costs milliseconds at import; annotations are strings here (PEP 563)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 if sys.version_info < (3, 9):  # noqa: UP036  # 3.7 lacks mmap.madvise: a gift would queue pages it cannot drop
     raise ImportError("vmsplicemove needs Python 3.9 or later, not {}.{}".format(*sys.version_info[:2]))
@@ -109,10 +116,21 @@ def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
     return fn
 
 
+def _libc_handle(use_errno: bool) -> Any:
+    """libc without ctypes.util.find_library, which runs /sbin/ldconfig -p: dlopen(NULL), the process's
+    own scope, holds the libc ``os`` calls (glibc, musl, macOS); a soname where it exports none."""
+    for name in (None, "libc.so.6", "libc.so"):
+        with contextlib.suppress(OSError):
+            lib = ctypes.CDLL(name, use_errno=use_errno)
+            if hasattr(lib, "madvise"):
+                return lib
+    from ctypes.util import find_library  # the last resort: a process
+    return ctypes.CDLL(find_library("c"), use_errno=use_errno)
+
+
 _c_int, _c_size, _c_ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
-_libc_name = ctypes.util.find_library("c") or None
 # Calls whose errno we read: ctypes keeps it per thread (ctypes.get_errno()).
-_libc = ctypes.CDLL(_libc_name, use_errno=True)
+_libc = _libc_handle(True)
 _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_size, ctypes.c_uint)
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
@@ -120,7 +138,7 @@ _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int,
 _munmap_fn = _bind(_libc, "munmap", _c_int, _c_ptr, _c_size)
 # madvise through a second handle without use_errno: called right after vmsplice, it must not
 # overwrite the errno that ctypes saved for vmsplice.
-_madvise_fn = _bind(ctypes.CDLL(_libc_name), "madvise", _c_int, _c_ptr, _c_size, _c_int)
+_madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)
 
 
 
@@ -663,6 +681,7 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_GIFT | SPLICE_F_MOVE
     advice = _MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED
+    mend, huge = _mend, _HUGE_PAGE_SIZE
     out = fd if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
     try:
         while tally[0][0] < length:
@@ -683,6 +702,15 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
             if n >= 0:
                 if refused and n:  # mlock() after our check, say: replace the pages instead
                     _zero_pages(at, n & ~_PAGE_MASK)
+                # This step emptied the last of a huge page that an earlier step of this call began
+                # (its first drop split it): drop it whole once more, so the refill is one huge-page
+                # fault (see _refill_is_huge).  Only pages already dropped: skipped, it costs speed.
+                whole = at & -huge
+                if address <= whole < at and at + n >= whole + huge and mend is not False:
+                    if mend is None:
+                        mend = _refill_is_huge(advice)
+                    if mend:
+                        _madvise_fn(whole, huge, advice)
                 continue
             err = ctypes.get_errno()
             if vmsplicing and err in _REFUSED:
@@ -693,6 +721,32 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
     finally:
         if out != fd:
             os.close(out)
+
+
+_mend: bool | None = None  # whether _gift_steps re-drops a huge page: None until _refill_is_huge() saw
+
+
+def _refill_is_huge(advice: int) -> bool:
+    """Whether a huge page dropped in pieces (the first one split it) is refilled with one fault, not
+    512, after one more drop of the whole, empty huge page: where the kernel then frees the empty page
+    table (CONFIG_PT_RECLAIM, seen on 6.18).  Observed once, counting this thread's faults."""
+    global _mend
+    faults, hp = [0, 0], _HUGE_PAGE_SIZE
+    try:
+        import resource  # here only: a small C module
+        with PageBuffer(2 * hp, huge=True) as test:
+            at = -(-test.address // hp) * hp
+            ctypes.memset(at, 1, hp)
+            for i in (1, 0):  # with the re-drop, then without
+                for drop in ((at, hp // 2), (at + hp // 2, hp // 2), (at, hp))[:2 + i]:  # as gift does
+                    _madvise_fn(*drop, advice)
+                before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                ctypes.memset(at, 1, hp)
+                faults[i] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+    except (ImportError, AttributeError, OSError):  # no RUSAGE_THREAD (not Linux), no memory
+        faults = [0, 0]
+    _mend = faults[0] > 8 * (faults[1] + 1)  # 512 without, 1 with, where it works
+    return _mend
 
 
 def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
