@@ -1393,17 +1393,14 @@ def _observe_handoff(notes: list, starved: list) -> bool | None:
 # The command line: python3 -m vmsplicemove probe | demo
 # Nothing above this line depends on anything below it.
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import subprocess  # noqa: E402
+import io  # noqa: E402  # (loaded with the interpreter: free; what costs is imported where it is used)
 import time  # noqa: E402
 
 
 def _parse_size(text: str) -> int:
     """'256M', '1GiB', '1.5G', '4096' -> bytes (binary units) rounded up to whole
     pages; ``argparse.ArgumentTypeError`` for anything else, inf and nan included."""
+    import argparse
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     s = text.strip().upper().replace("IB", "").rstrip("B")
     unit = s[-1:] if s[-1:] in units else ""
@@ -1427,6 +1424,7 @@ _block: list = [None, b""]  # the last seed and its 1 MiB of pseudo-random bytes
 def _pattern(pos: int, seed: int) -> bytearray:
     """The 1 MiB at ``pos`` (a multiple of 1 MiB) of the test region of ``seed``: random
     bytes, each page's first word its page number, so that a lost or misplaced page shows."""
+    import random
     if _block[0] != seed:
         _block[:] = seed, random.Random(seed).randbytes(1 << 20)
     data = bytearray(_block[1])
@@ -1516,6 +1514,7 @@ def _writer_child(fn: Any, *args: Any) -> Any:
 
 
 def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None, seed: int) -> None:
+    import json
     src = PageBuffer(size, memfd=True) if how == "handoff" else PageBuffer(size, huge=huge)
     _fill(src, seed)
     report = {"sender_frames": [_seen_frame(src, [], at) for at in (0, size - PAGE_SIZE)],
@@ -1535,6 +1534,7 @@ def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader
     """Bring ``size`` bytes a child fills in ``PageBuffer(size, huge=huge)`` here by ``how`` ("gift",
     "plain", "handoff") into ``PageBuffer(size, huge=reader_huge)``; check every byte.  ``watch(stage,
     dst)`` runs before the go ("go"; ``dst`` None for a handoff) and when the data came ("here")."""
+    import json
     with _writer_child(_migrate_writer, size, how, huge, seed) as (r, status):
         dst = None if how == "handoff" else PageBuffer(size, huge=reader_huge)  # after the fork: not shared
         _status(status)  # "R": the writer has filled its region
@@ -1594,6 +1594,8 @@ def _demo(size: int) -> None:
 
 def _chain(size: int) -> None:
     """Live update: the region handed on shared through three fresh interpreters (``_hop``) in turn."""
+    import json
+    import subprocess
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             "import vmsplicemove; vmsplicemove._hop(*map(int, sys.argv[1:]))")
     pairs = [socket.socketpair() for _ in range(3)]
@@ -1624,6 +1626,7 @@ def _chain(size: int) -> None:
 
 def _hop(inbound: int, outbound: int = -1) -> None:
     """A version in ``_chain``: take the region, time the copy a sealed chain needs, hand it on."""
+    import json
     with socket.socket(fileno=inbound) as sock:
         select.select([sock], [], [])  # the handoff is here: time the takeover, not the wait
         buf, took = _timed(takeover, sock, shared=True)
@@ -1638,17 +1641,6 @@ def _hop(inbound: int, outbound: int = -1) -> None:
 def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     return fn(*args, **kwargs), time.perf_counter() - start
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, not the usage text; status 2 even if stderr fails
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
-        raise SystemExit(2)
-
-    def _print_message(self, message: str, file: Any = None) -> None:  # 3.11+ would swallow write errors
-        if message:
-            (file or sys.stderr).write(message)
 
 
 class _ClosedOutput(io.TextIOBase):
@@ -1672,6 +1664,19 @@ def _standard_streams() -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one line, not the usage text; 2 even if stderr fails
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
+            raise SystemExit(2)
+
+        def _print_message(self, message: str, file: Any = None) -> None:  # 3.11+ swallows write errors
+            if message:
+                (file or sys.stderr).write(message)
+
     prog = "vmsplicemove" if os.path.basename(sys.argv[0]) == "vmsplicemove" else "python3 -m vmsplicemove"
     _standard_streams()
     parser = _Parser(prog=prog, description="Move memory pages between processes: gift/move through a pipe "
