@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
-import inspect
 import json
 import os
 import socket
@@ -213,15 +212,10 @@ def _calls_once(count: int, method: str) -> dict:
     return {"seconds": seconds}
 
 
-# -- chain: a region handed on through hops, as live updates do (issue 14) ------
+# -- chain: a region handed on through hops, as live updates do ------
 
 CHAIN_METHODS = ("shared", "sealed")
 CHAIN_HOPS = 3  # handoffs: first sender -> hop -> hop -> this process
-
-
-def _chain_supported() -> bool:
-    """Whether this module has shared handoffs (handoff and takeover with ``shared``)."""
-    return all("shared" in inspect.signature(fn).parameters for fn in (vm.handoff, vm.takeover))
 
 
 def _chain_take(sock: socket.socket, shared: bool) -> PageBuffer:
@@ -388,9 +382,6 @@ def _median(values: list) -> float:
 
 def _bench_scenario(name: str, args: argparse.Namespace) -> dict:
     size, chunk = args.size, vm._HUGE_PAGE_SIZE if name == "stream-huge" else args.chunk
-    if name == "chain" and not _chain_supported():
-        return {"skipped": "handoff and takeover have no shared parameter here (issue 14 not in "
-                           "this vmsplicemove yet)"}
     if name == "migrate":
         def once(method: str, seed: int) -> dict:
             return _migrate_once(size, method, seed)
@@ -480,9 +471,6 @@ def _us(value: float | None) -> str:
 
 
 def _print_scenario(name: str, scenario: dict, limits: dict) -> None:
-    if "skipped" in scenario:
-        print(f"\n{name}: skipped: {scenario['skipped']}")
-        return
     print(f"\n{name}: {vm._human(scenario['bytes'])}")
     for method, entry in scenario["methods"].items():
         line = f"  {method:<18} {entry['median_s']:9.4f} s  {entry['gib_s']:7.2f} GiB/s"
