@@ -1,15 +1,13 @@
 """Move memory pages between processes with Linux vmsplice(2), or hand them over whole.
 
-The protocol of the 2013 "vmsplice: Add limited zero copy" RFC: the writer
-*gifts* pages of page-aligned private memory to a pipe with ``SPLICE_F_GIFT |
-SPLICE_F_MOVE`` and never touches them again; the reader asks for them with
-``SPLICE_F_MOVE`` into page-aligned memory; where a move is not possible, the
-kernel copies.  Mainline Linux never merged the move: ``vmsplice`` into user
-memory copies.  What is real is the writer's half: ``vmsplice`` into a pipe
-queues references to the writer's own pages, flag or no flag.  That is also its
-danger: a later write to the buffer changes data already queued.  ``gift``
-therefore drops the queued pages from the writer (``MADV_DONTNEED``), so the
-writer reads zeros there and the reader gets the original.
+The protocol of the 2013 "vmsplice: Add limited zero copy" RFC: the writer *gifts* pages of
+page-aligned private memory to a pipe with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` and never touches them
+again; the reader asks for them with ``SPLICE_F_MOVE`` into page-aligned memory; where a move is not
+possible, the kernel copies.  Mainline Linux never merged the move: ``vmsplice`` into user memory
+copies.  What is real is the writer's half: ``vmsplice`` into a pipe queues references to the writer's
+own pages, flag or no flag.  That is also its danger: a later write to the buffer changes data already
+queued.  ``gift`` therefore drops the queued pages from the writer (``MADV_DONTNEED``), so the writer
+reads zeros there and the reader gets the original.
 
     >>> import os, vmsplicemove as vm
     >>> r, w = vm.pipe()
@@ -22,10 +20,9 @@ writer reads zeros there and the reader gets the original.
     >>> os.close(r), os.close(w)
     (None, None)
 
-``handoff`` and ``takeover`` move the pages themselves: a sealed memfd over a
-Unix socket.  ``probe()`` tells what the running kernel really does.  Where
-``vmsplice`` is refused (ENOSYS, EPERM), ``gift`` and ``move`` copy instead.
-Standard library only; CPython 3.9 or later.
+``handoff`` and ``takeover`` move the pages themselves: a sealed memfd over a Unix socket.  ``probe()``
+tells what the running kernel really does.  Where ``vmsplice`` is refused (ENOSYS, EPERM), ``gift`` and
+``move`` copy instead.  Standard library only; CPython 3.9 or later.
 """
 
 from __future__ import annotations
@@ -70,8 +67,7 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
-# ---------------------------------------------------------------------------
-# Constants (include/uapi/linux/splice.h, mman-common.h, fcntl.h)
+# --- Constants (include/uapi/linux/splice.h, mman-common.h, fcntl.h) ---------------------------------
 
 PAGE_SIZE: int = mmap.PAGESIZE
 _PAGE_MASK = PAGE_SIZE - 1
@@ -98,11 +94,9 @@ _MADV_COLLAPSE = 25  # Linux 6.1: make huge pages now, whatever the THP settings
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
-_HANDOFF_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 
-# ---------------------------------------------------------------------------
-# The libc binding: argtypes and restype set once.
+# --- The libc binding: argtypes and restype set once --------------------------------------------------
 
 # struct iovec {void *iov_base; size_t iov_len;} as bytes: ctypes passes bytes to a c_void_p argument
 # as a pointer, faster than it builds a Structure, and the kernel only reads it.
@@ -141,7 +135,6 @@ _munmap_fn = _bind(_libc, "munmap", _c_int, _c_ptr, _c_size)
 _madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)
 
 
-
 class _PyBuffer(ctypes.Structure):  # Py_buffer: the buffer protocol's view of an object
     _fields_ = [("buf", _c_ptr), ("obj", _c_ptr), ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
                 ("readonly", _c_int), ("ndim", _c_int), ("format", ctypes.c_char_p), ("shape", _c_ptr),
@@ -152,6 +145,7 @@ _pythonapi = ctypes.PyDLL(None)  # our own handle: ctypes.pythonapi's argtypes a
 _GetBuffer = _bind(_pythonapi, "PyObject_GetBuffer", _c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer),
                    _c_int)
 _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyBuffer))
+_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
 
 
 def _address_of(view: memoryview) -> int:
@@ -164,11 +158,7 @@ def _address_of(view: memoryview) -> int:
     return raw.buf or 0
 
 
-_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
-
-
-# ---------------------------------------------------------------------------
-# Page buffers
+# --- Page buffers ----------------------------------------------------------------------------------
 
 
 def _read_setting(path: str, default: str) -> str:
@@ -177,13 +167,10 @@ def _read_setting(path: str, default: str) -> str:
     return default
 
 
-def _thp_mode(name: str) -> str:
-    """The bracketed choice of a THP setting ("[madvise] never" -> madvise)."""
-    text = _read_setting(_THP + name, "")
+def _thp_mode(name: str, text: str | None = None) -> str:
+    """The bracketed choice of a THP setting ("[madvise] never" -> madvise), read unless ``text``."""
+    text = _read_setting(_THP + name, "") if text is None else text
     return text[text.find("[") + 1:text.find("]")] if "[" in text else "unavailable"
-
-
-_HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -206,6 +193,11 @@ _own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
+_Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
+# The cause, where a call that makes a descriptor fails with one of these.
+_NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
+          errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
 # Weak references to the buffers mapped shared, for _after_fork; each removes itself in C when its
 # buffer is freed (a WeakSet would run Python code there, where a signal handler may raise).
 _shared_buffers: set = set()
@@ -215,23 +207,18 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     """Page-aligned memory for ``gift`` and ``handoff``: an ``mmap.mmap``.
 
     ``PageBuffer(size, *, huge=None, memfd=False)`` maps ``size`` bytes rounded up to whole pages.
-    ``huge=True`` rounds up to whole transparent huge pages and asks for huge pages where the kernel
-    can give them; ``None``: huge pages exactly when ``size`` is whole huge pages and the kernel can
-    give this memory huge pages; ``.huge`` says what it got.
-    ``memfd=False``: private anonymous memory, what ``gift`` needs (dropping a *private* page detaches
-    it from this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
-    ``memfd=True``: a sealable memfd's pages, mapped shared: for ``handoff``.  A forked child sees a
-    private copy-on-write view of them (it reads the data; the parent can still seal and send them).
+    ``huge=True`` rounds up to whole transparent huge pages and asks for them; ``None``: huge pages
+    exactly when ``size`` is whole huge pages and the kernel can give this memory some; ``.huge`` says
+    what it got.  ``memfd=False``: private anonymous memory, what ``gift`` needs (a dropped *private*
+    page leaves this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
+    ``memfd=True``: a sealable memfd's pages, mapped shared, for ``handoff``; a forked child sees a
+    private copy-on-write view (it reads the data; the parent can still seal and send them).
 
-    A writable bytes-like object (``len()``, slicing, ``memoryview``, ``os.readv``...) that keeps
-    ``mmap``'s ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; the mapping never moves
-    (it is mapped copy-on-write as far as ``mmap`` knows, which refuses ``resize``).  ``close()`` while
-    exported raises ``BufferError``; any use after close raises ``ValueError``.
-
-    Raises:
-        TypeError: ``size`` is not an int.
-        ValueError: ``size`` is not positive, or too large to map.
-        OSError: the system refuses the memory, or memfd (not Linux, seccomp, no free descriptor).
+    A writable bytes-like object that keeps ``mmap``'s ``read``, ``write``, ``seek``, ``find``,
+    ``flush``, ``madvise``; the mapping never moves (copy-on-write as far as ``mmap`` knows, which
+    refuses ``resize``).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
+    Raises TypeError (``size`` not an int), ValueError (not positive, or too large to map), OSError
+    (the system refuses the memory, or memfd: not Linux, seccomp, no free descriptor).
     """
 
     __slots__ = ("_huge", "_kind", "_memfd")
@@ -311,9 +298,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
-        zeros and its memory goes back to the system; a pipe keeps what it holds.  ``ValueError`` for a
-        bad range or a closed buffer, ``OSError`` if the kernel refuses (locked, before Linux 5.18).
-        """
+        zeros, its memory goes back to the system; a pipe keeps what it holds.  ``ValueError`` for a
+        bad range or a closed buffer, ``OSError`` if the kernel refuses (locked, before Linux 5.18)."""
         start, stop = _page_range(self, offset, length, aligned=True)
         if stop == start:
             return
@@ -328,9 +314,6 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     def __repr__(self) -> str:
         return "<PageBuffer closed>" if self.closed else \
             f"<PageBuffer size={len(self)} address={self.address:#x} huge={self._huge} memfd={self.memfd}>"
-
-
-_Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
 
 
 def _after_fork() -> None:
@@ -389,11 +372,6 @@ def _new_memfd(size: int) -> Any:
     return owner[0]
 
 
-# The cause, where a call that makes a descriptor fails with one of these.
-_NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
-          errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
-
-
 def _zero_pages(address: int, length: int) -> None:
     """Replace the pages at ``address`` with fresh private zero pages."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED  # replace, atomically
@@ -402,14 +380,10 @@ def _zero_pages(address: int, length: int) -> None:
 
 
 def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
-    """Check a byte range of ``buf`` (a PageBuffer, or a buffer's size in bytes); return ``(start,
-    stop)``."""
-    if type(buf) is int:
-        size = buf
-    elif buf.closed:
+    """Check a byte range of ``buf`` (a PageBuffer, or a size in bytes); return ``(start, stop)``."""
+    if type(buf) is not int and buf.closed:
         raise ValueError("the PageBuffer is closed")
-    else:
-        size = len(buf)
+    size = buf if type(buf) is int else len(buf)
     if type(offset) is not int or (length is not None and type(length) is not int):  # the common case first
         _check_int("offset", offset)
         _check_int("length", 0 if length is None else length)
@@ -425,8 +399,7 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
     return offset, stop
 
 
-# ---------------------------------------------------------------------------
-# The raw call
+# --- The raw call ----------------------------------------------------------------------------------
 
 
 def _check_flags(flags: int, allowed: int, where: str) -> None:
@@ -435,9 +408,7 @@ def _check_flags(flags: int, allowed: int, where: str) -> None:
 
 
 def _describe_fd(fd: int) -> str:
-    """What ``fd`` is: "a pipe read end" ("write end", "open for reading and writing"), "a regular
-    file", "a socket", "a directory", "a character device", "a block device", "a symbolic link",
-    "an anonymous inode (eventfd)" (epoll, pidfd...), "not open"."""
+    """What ``fd`` is: "a pipe read end", "a regular file", "an anonymous inode (eventfd)", "not open"..."""
     try:
         mode, access = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError):
@@ -487,17 +458,13 @@ def _pipe_access(fd: int, call: str, want: int, fifo: bool = False) -> None:
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
     """Make one ``vmsplice(2)`` call over ``buffers``; return the byte count (maybe short).
 
-    On a pipe write end the bytes of ``buffers`` are queued, on a read end the pipe's bytes are
-    copied into them, like ``os.writev``/``os.readv``.  ``flags``: any ``SPLICE_F_*``.  EINTR is
-    retried.  Safety: on a write end the pipe holds references to the very pages of ``buffers``, not
-    a copy, and this function keeps nothing alive: until the reader has the data, modifying or freeing
-    them changes or corrupts what it gets.  ``gift`` hands pages over safely.
-
-    Raises:
-        TypeError: ``fd`` is not an int; one buffer, not a sequence; a buffer not contiguous, or
-            read-only on a read end.
-        ValueError: unknown flag bits, or more than ``IOV_MAX`` buffers.
-        OSError: the kernel's errno; EBADF saying what ``fd`` is when it is not a pipe.
+    On a pipe write end the bytes of ``buffers`` are queued, on a read end the pipe's bytes are copied
+    into them, like ``os.writev``/``os.readv``.  ``flags``: any ``SPLICE_F_*``.  EINTR is retried.
+    Safety: on a write end the pipe holds references to the very pages of ``buffers``, not a copy, and
+    nothing is kept alive: until the reader has the data, modifying or freeing them changes or corrupts
+    what it gets.  ``gift`` hands pages over safely.  Raises TypeError (``fd`` not an int; one buffer,
+    not a sequence; a buffer not contiguous, or read-only on a read end), ValueError (unknown flag
+    bits, more than ``IOV_MAX`` buffers), OSError (the kernel's errno; EBADF saying what ``fd`` is).
     """
     _check_int("fd", fd)
     _check_flags(flags, _SPLICE_F_ALL, "vmsplice")
@@ -536,27 +503,24 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
             view.release()
 
 
-# ---------------------------------------------------------------------------
-# Gift and move: the protocol of the RFC
-#
-# Signals.  CPython runs a Python signal handler in the main thread between bytecodes, whichever
-# thread got the signal, so blocking signals here cannot stop it.  Raising between a vmsplice and
-# its discard would leave gifted pages mapped and writable; between a call and its counting, it would
-# lose the count.  So each step is one chain of C iterators run by one C call: the system call, its
-# result stored (dict.setdefault passes it on) and, for a gift, the madvise of what it queued.  The
-# count is one tuple, replaced in one store, and the exception handlers read it calling nothing: from
-# CPython 3.11 the interpreter checks for signals only at calls and backward jumps.  CPython 3.9 and
-# 3.10 check at most bytecodes, so a second raising handler can replace the exception before the
-# count is attached (the pages are dropped all the same).  Waits happen between steps; no signal is
-# blocked.
+# --- Gift and move: the protocol of the RFC ----------------------------------------------------------
+# Signals.  CPython runs a Python signal handler in the main thread between bytecodes, whichever thread
+# got the signal, so blocking signals cannot stop it.  Raising between a vmsplice and its discard would
+# leave gifted pages mapped and writable; between a call and its counting, it would lose the count.  So
+# each step is one chain of C iterators run by one C call: the system call, its result stored
+# (dict.setdefault passes it on) and, for a gift, the madvise of what it queued.  The count is one
+# tuple, replaced in one store, and the exception handlers read it calling nothing: from CPython 3.11
+# the interpreter checks for signals only at calls and backward jumps.  3.9 and 3.10 check at most
+# bytecodes, so a second raising handler can replace the exception before the count is attached (the
+# pages are dropped all the same).  Waits happen between steps; no signal is blocked.
 
-# Cleared for the whole process the first time vmsplice answers ENOSYS or EPERM (gVisor, a seccomp
-# profile): from then on gift and move copy.
+# Cleared for the process the first time vmsplice answers ENOSYS or EPERM (gVisor, seccomp): gift and
+# move copy from then on.
 _use_vmsplice = _vmsplice_fn is not None
 _REFUSED = (errno.ENOSYS, errno.EPERM)
 _ZERO, _ONE = (0,), (1,)
 _WHOLE_PAGES = (~_PAGE_MASK,)
-
+_mend: bool | None = None  # whether _gift_steps re-drops a huge page: None until _refill_is_huge() saw
 
 with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _page:
     try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
@@ -564,18 +528,6 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
         _dontneed_locked = _LINUX
     except OSError:
         _dontneed_locked = False
-
-
-def _wait(fd: int, event: int) -> None:
-    """Wait until ``fd`` is ready or hung up; signal handlers may run meanwhile."""
-    poller = select.poll()
-    poller.register(fd, event)
-    poller.poll()
-
-
-def _queued(fd: int) -> int:
-    """Bytes waiting in pipe ``fd``."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> bool:
@@ -588,16 +540,16 @@ def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> boo
     if err != errno.EAGAIN:
         raise _fd_error(err, fd, call)
     if nonblock:
-        raise BlockingIOError(errno.EAGAIN, f"{call}: pipe {fd} is "
-                                            + ("full" if call == "gift" else "empty"))
-    _wait(fd, select.POLLOUT if call == "gift" else select.POLLIN)
+        raise BlockingIOError(errno.EAGAIN, f"{call}: pipe {fd} is {'full' if call == 'gift' else 'empty'}")
+    poller = select.poll()  # wait until ready or hung up; signal handlers may run meanwhile
+    poller.register(fd, select.POLLOUT if call == "gift" else select.POLLIN)
+    poller.poll()
     return True
 
 
 def _is_locked(buf: PageBuffer) -> bool:
     """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps)."""
-    start, inside = buf.address, False
-    stop = start + len(buf)
+    start, stop, inside = buf.address, buf.address + len(buf), False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(" ", 1)[0]
@@ -609,31 +561,23 @@ def _is_locked(buf: PageBuffer) -> bool:
     return False
 
 
-def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None,
-         *, flags: int = 0) -> int:
-    """Give the pages ``buf[offset:offset+length]`` to the pipe write end ``fd``.
+def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
+    """Give the pages ``buf[offset:offset+length]`` (a ``PageBuffer``, not memfd; multiples of
+    ``PAGE_SIZE``, ``length=None``: to the end) to the pipe write end ``fd``.
 
     Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and
     ``SPLICE_F_MORE`` from ``flags``) until every byte is queued or a non-blocking pipe is full, and
-    drops each page queued from this process in the same step (see "Signals"), locked memory
-    included: it reads as zeros, and writing to it never changes what the reader receives.  Where
-    ``vmsplice`` is refused it copies with ``writev``, then drops.  Any exception carries the bytes
-    gifted in ``transferred`` (missing only if a signal handler raised before anything was sent).
-
-    Args:
-        fd: the write end of a pipe.
-        buf: a ``PageBuffer`` (not memfd).
-        offset, length: multiples of ``PAGE_SIZE``; ``length=None``: to the end.
-
-    Returns:
-        The bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
-        followed some progress (it comes on the next call).
+    drops each page queued in the same step (see "Signals"), locked memory included: it reads as
+    zeros, and writing to it never changes what the reader receives.  Where ``vmsplice`` is refused it
+    copies with ``writev``, then drops.  Returns the bytes gifted, whole pages: short only on a full
+    non-blocking pipe, or when an error followed some progress (it comes on the next call).  Any
+    exception carries the bytes gifted in ``transferred`` (missing only if a signal handler raised
+    before anything was sent).
 
     Raises:
         TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
         ValueError: a closed or memfd buffer, a bad range or flags, a read end.
-        BlockingIOError: a non-blocking pipe is full before any page.
-        BrokenPipeError: no reader is left.
+        BlockingIOError: a non-blocking pipe is full before any page.  BrokenPipeError: no reader.
         OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked memory before Linux 5.18.
     """
     if not isinstance(buf, PageBuffer):
@@ -723,9 +667,6 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
             os.close(out)
 
 
-_mend: bool | None = None  # whether _gift_steps re-drops a huge page: None until _refill_is_huge() saw
-
-
 def _refill_is_huge(advice: int) -> bool:
     """Whether a huge page dropped in pieces (the first one split it) is refilled with one fault, not
     512, after one more drop of the whole, empty huge page: where the kernel then frees the empty page
@@ -750,8 +691,7 @@ def _refill_is_huge(advice: int) -> bool:
 
 
 def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
-    """vmsplice was refused (ENOSYS, EPERM): copy from now on, in this call and the whole process;
-    return the descriptor to copy through."""
+    """vmsplice was refused (ENOSYS, EPERM): copy from now on, here and process-wide; the fd to copy by."""
     global _use_vmsplice
     _use_vmsplice = False
     _pipe_access(fd, call, access, fifo=True)
@@ -771,23 +711,16 @@ def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
         return fd
 
 
-def move(fd: int, buf: Any, offset: int = 0, length: int | None = None,
-         *, flags: int = 0) -> int:
-    """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]``.
+def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
+    """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any byte range of a
+    ``PageBuffer`` or any writable, contiguous bytes-like object; ``length=None``: to the end).
 
     Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until ``length`` bytes came
     or every writer closed the pipe; ``readv`` where ``vmsplice`` is refused.  A page-aligned range of
-    a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Any
-    exception carries the bytes received in ``transferred``, as with ``gift``.
-
-    Args:
-        fd: the read end of a pipe.
-        buf: a ``PageBuffer`` or any writable, contiguous bytes-like object.
-        offset, length: any byte range of ``buf``; ``length=None``: to the end.
-
-    Returns:
-        The bytes received: ``length``, or fewer at end of file (0: nothing left), from a
-        non-blocking pipe that ran dry, or when an error followed some progress (it comes next call).
+    a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
+    bytes received: ``length``, or fewer at end of file (0: nothing left), from a non-blocking pipe
+    that ran dry, or when an error followed some progress (it comes next call).  Any exception carries
+    the bytes received in ``transferred``, as with ``gift``.
 
     Raises:
         TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
@@ -849,10 +782,9 @@ def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
 
 def pipe(size: int | None = None) -> tuple[int, int]:
     """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size`` bytes (rounded up to a
-    power-of-two number of pages), or with ``None`` the largest allowed
-    (``/proc/sys/fs/pipe-max-size``, less where a per-user limit refuses it).  ``ValueError``
-    outside (0, 2 GiB); ``OSError`` EPERM above pipe-max-size without CAP_SYS_RESOURCE.
-    """
+    power-of-two number of pages), or with ``None`` the largest allowed (``/proc/sys/fs/pipe-max-size``,
+    less where a per-user limit refuses it).  ``ValueError`` outside (0, 2 GiB); ``OSError`` EPERM above
+    pipe-max-size without CAP_SYS_RESOURCE."""
     if size is not None:
         _check_int("size", size)
         if not 0 < size < 2**31:  # fcntl() would silently truncate a larger one
@@ -864,11 +796,10 @@ def pipe(size: int | None = None) -> tuple[int, int]:
         elif _LINUX:
             want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0)
             while want > PAGE_SIZE:
-                try:
+                with contextlib.suppress(OSError):
                     fcntl.fcntl(w, _F_SETPIPE_SZ, want)
                     break
-                except OSError:
-                    want //= 2
+                want //= 2
     except BaseException:
         os.close(r)
         os.close(w)
@@ -876,23 +807,18 @@ def pipe(size: int | None = None) -> tuple[int, int]:
     return r, w
 
 
-# ---------------------------------------------------------------------------
-# Handoff: the pages themselves, to another process
-#
-# Mainline never moves pages through a pipe, but a memfd passed over a Unix socket (SCM_RIGHTS) lets
-# the receiver map the very same page frames.  The seals make the kernel, not a promise, guarantee
-# what the receiver relies on: F_SEAL_SHRINK and F_SEAL_GROW that the size never changes (no SIGBUS),
-# F_SEAL_WRITE that the pages never change, which the kernel refuses while any writable shared
-# mapping exists (mm/memfd.c): so the sender unmaps first.
-#
-# The memfd's states in ``handoff``, and who owns it in each:
+# --- Handoff: the pages themselves, to another process -----------------------------------------------
+# Mainline never moves pages through a pipe, but a memfd passed over a Unix socket (SCM_RIGHTS) lets the
+# receiver map the very same page frames.  The seals make the kernel, not a promise, guarantee what the
+# receiver relies on: F_SEAL_SHRINK and F_SEAL_GROW that the size never changes (no SIGBUS), F_SEAL_WRITE
+# that the pages never change, which the kernel refuses while any writable shared mapping exists
+# (mm/memfd.c): so the sender unmaps first.  The memfd's states in ``handoff``, and who owns it:
 #   untouched  ``buf`` maps it and owns it;
 #   unmapped   ``buf`` is closed; ``rescue``, a mapping made before anything changed, holds the pages
 #              and the memfd, so that any exception can give them back (``exc.buffer``);
 #   sealed     the kernel now refuses what the seals forbid;
 #   sent       the peer owns a descriptor of its own; ``rescue`` lets go: this process holds nothing.
-# ``socket.send_fds``/``recv_fds`` are not used: they hand back bare descriptor numbers, which leak
-# when a signal handler raises before they reach an owner.
+# Not ``socket.send_fds``/``recv_fds``: their bare descriptor numbers leak if a signal handler raises.
 
 _HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
 _HANDOFF_MAGIC = b"pagemove"
@@ -906,9 +832,8 @@ _RECEIVE_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def _unix_socket(sock: Any, call: str) -> socket.socket:
-    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket.  For a descriptor, a
-    duplicate of our own (nothing here can close the caller's), which the caller closes when done
-    (if a signal handler raises first, it closes when freed)."""
+    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket; for a descriptor, our own
+    duplicate (nothing here closes the caller's), which the caller closes (or, after a raise, GC does)."""
     if isinstance(sock, socket.socket):
         obj = sock
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -923,12 +848,10 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
         obj = owned[0]
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
-    problem = ""
-    if obj.fileno() < 0 or obj.family != socket.AF_UNIX:
-        problem = "closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket"
-    elif obj.type not in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
-        problem = "not a stream or seqpacket socket"
-    else:
+    problem = ("closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket" if obj.family != socket.AF_UNIX
+               else "" if obj.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+               else "not a stream or seqpacket socket")
+    if not problem:
         try:
             obj.getpeername()
         except OSError:
@@ -943,28 +866,21 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
 def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
     """Hand the pages of ``buf`` to the process at the other end of ``sock``: nothing is copied.
 
-    Unmaps ``buf`` (it is closed afterwards), seals its memfd and sends one message,
-    ``struct.pack("=8sQ", b"pagemove", size)`` with the descriptor in ``SCM_RIGHTS``.  On return this
-    process holds neither a mapping nor a descriptor of the pages.  The receiver calls ``takeover``.
-    Several handoffs on one socket arrive in order, one ``takeover`` each.
-
-    Args:
-        sock: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor.
-        buf: a ``PageBuffer(size, memfd=True)``, or one that ``takeover(..., shared=True)`` returned.
-        shared: False (the default): sealed against shrinking, growing, writing and further sealing:
-            the kernel guarantees the receiver that the pages never change.  True: sealed against
-            shrinking and growing only, the pages stay writable: for a receiver that trusts this
-            process (the next version of the same program), which takes it with
-            ``takeover(sock, shared=True)`` and can hand it on again with no copy.
-
-    Returns:
-        ``len(buf)``.
+    ``sock``: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor; ``buf``: a
+    ``PageBuffer(size, memfd=True)``, or one that ``takeover(..., shared=True)`` returned.  Unmaps
+    ``buf`` (closed afterwards), seals its memfd and sends one message, ``struct.pack("=8sQ",
+    b"pagemove", size)`` with the descriptor in ``SCM_RIGHTS``; returns ``len(buf)``, and this process
+    then holds neither a mapping nor a descriptor of the pages.  The receiver calls ``takeover``;
+    several handoffs on one socket arrive in order, one ``takeover`` each.  ``shared=False``: sealed
+    against shrinking, growing, writing and further sealing: the kernel guarantees the receiver that the
+    pages never change.  ``shared=True``: against shrinking and growing only, the pages stay writable:
+    for a receiver that trusts this process (the next version of the same program), which takes it with
+    ``takeover(sock, shared=True)`` and can hand it on again with no copy.
 
     Raises:
         TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket; ``shared`` no bool.
         ValueError: ``buf`` is closed or a copy-on-write view (a sealed takeover); ``sock`` is not a
-            connected Unix socket.
-        BufferError: a memoryview of ``buf`` is exported.  These leave ``buf`` as it was.
+            connected Unix socket.  BufferError: ``buf`` is exported.  These leave ``buf`` as it was.
         OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (another writable shared mapping
             stops the seal).  Every exception, a signal handler's included, carries ``transferred``
             (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go
@@ -1025,24 +941,23 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``: the sender's very
     frames, ``.memfd`` true, of the announced size.
 
-    A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the
-    frames, writing a page copies that page only, and it cannot be handed off again.  With ``shared``,
-    a memfd sealed only against shrinking and growing (a shared handoff) is mapped shared and
-    writable: writes land in the memfd itself, and ``handoff`` can pass it on again with no copy.
-    Checked before anything is mapped from it: exactly one descriptor, a memfd (the kernel says so, no
-    ``/proc`` needed), sealed at least against shrinking, growing and (unless ``shared``) writing, of
-    the announced size; whatever else arrives, in any control message, is closed.  The message leaves
-    the socket only once its pages are mapped: interrupted before, it is still there.
+    A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the frames,
+    writing a page copies that page only, and it cannot be handed off again.  With ``shared``, a memfd
+    sealed only against shrinking and growing (a shared handoff) is mapped shared and writable: writes
+    land in the memfd itself, and ``handoff`` can pass it on again with no copy.  Checked before anything
+    is mapped: exactly one descriptor, a memfd (the kernel says so, no ``/proc`` needed), sealed at least
+    against shrinking, growing and (unless ``shared``) writing, of the announced size; whatever else
+    arrives, in any control message, is closed.  The message leaves the socket only once its pages are
+    mapped: interrupted before, it is still there.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
         PermissionError: a seal is missing: the sender could still change or truncate the pages.
         ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
-            ``sock`` is not a connected Unix socket.
-        TypeError: ``sock`` is neither a socket nor an int; ``shared`` is no bool.
-        OSError: EMFILE: no descriptor is free to receive into (the handoff stays on the socket).
-        Any exception after the message left the socket (a signal handler's) carries its pages in
-        ``buffer``; any other, ``buffer`` None.
+            ``sock`` is not a connected Unix socket.  TypeError: ``sock`` is neither a socket nor an
+            int; ``shared`` is no bool.  OSError: EMFILE: no descriptor free to receive into (the
+            handoff stays on the socket).  Any exception after the message left the socket (a signal
+            handler's) carries its pages in ``buffer``; any other, ``buffer`` None.
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
@@ -1066,9 +981,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
-    """Look at the next message (it stays queued; the kernel gives a peek duplicates of its
-    descriptors), check it, map its memfd, then take it off the socket in one C step: interrupted
-    before that, the handoff is still on the socket; after it, the pages are in ``state``."""
+    """Peek at the next message (the kernel gives a peek duplicates of its descriptors), check it, map
+    its memfd, then take it off the socket in one C step: before that, the handoff is still on the
+    socket; after it, the pages are in ``state``."""
     peeked: list = []
     _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
     try:
@@ -1121,9 +1036,9 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
-    """Check that the descriptors a handoff brings can be received (EMFILE would make the kernel drop
-    them, and the pages with them): take as many and give them back.  The first one is a memfd, the
-    first time: where memfds live (``_memfd_kind``)."""
+    """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, and the
+    pages with them): take as many and give them back; the first time, one is a memfd: where memfds
+    live (``_memfd_kind``)."""
     count = 1
     with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
         count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
@@ -1148,10 +1063,10 @@ _descriptor_numbers = functools.partial(array.array, "i")
 
 
 def _receive(obj: socket.socket, flags: int, into: list) -> None:
-    """One C step: ``recvmsg`` of a handoff (and one more byte: a longer message shows; a read stops
-    after a message with descriptors), its answer stored in ``into``, then an owner for each descriptor
-    it carried, in any control message (see "Who owns what").  Read it bottom up: each name is an
-    iterator, and nothing runs until ``_run`` pulls the last one, all in C."""
+    """One C step: ``recvmsg`` of a handoff (one byte more: a longer message shows; a read stops after
+    a message with descriptors), its answer stored in ``into``, then an owner for each descriptor in any
+    control message (see "Who owns what").  Read bottom up: each name is an iterator; nothing runs until
+    ``_run`` pulls the last, all in C."""
     reply, parsed = itertools.tee(map(obj.recvmsg, (_HANDOFF_HEADER.size + 1,), (_CONTROL_SPACE,),
                                       (_RECEIVE_FLAGS | flags,)))
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
@@ -1191,25 +1106,19 @@ def _memfd_kind(fd: int, size: int, shared: bool) -> str:
     return "view" if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else "memfd"
 
 
-# ---------------------------------------------------------------------------
-# Detection: observe, never infer from a version number.
+# --- Detection: observe, never infer from a version number --------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Support:
-    """What the running kernel does, as ``probe()`` observed it.
-
-    Attributes:
-        vmsplice: the call works here (else gift and move copy); None: untried (no free descriptor).
-        zero_copy_gift: queued pages are the writer's own (referenced, not copied); None: unchecked.
-        move: the reader got the very page gifted (True), a copy (False), or unknown (None: frame
-            numbers hidden or unreadable).
-        handoff: a sealed memfd over a Unix socket works (True), does not (False), or untried (None).
-        huge_pages: transparent huge pages: always, madvise, never, unavailable (unknown: no descriptor).
-        pipe_max_size: /proc/sys/fs/pipe-max-size, or None where unreadable.
-        kernel: the kernel release string.
-        reason: one plain sentence per finding, with the errno where a call failed.
-    """
+    """What the running kernel does, as ``probe()`` observed it.  ``vmsplice``: the call works here
+    (else gift and move copy); None: untried (no free descriptor).  ``zero_copy_gift``: queued pages are
+    the writer's own (referenced, not copied); None: unchecked.  ``move``: the reader got the very page
+    gifted (True), a copy (False), or unknown (None: frame numbers hidden or unreadable).  ``handoff``: a
+    sealed memfd over a Unix socket works (True), does not (False), or untried (None).  ``huge_pages``:
+    THP always, madvise, never, unavailable (unknown: no descriptor).  ``pipe_max_size``:
+    /proc/sys/fs/pipe-max-size, or None where unreadable.  ``kernel``: the release string.  ``reason``:
+    one plain sentence per finding, with the errno where a call failed."""
 
     vmsplice: bool | None
     zero_copy_gift: bool | None
@@ -1238,11 +1147,10 @@ def probe(refresh: bool = False) -> Support:
 
     It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
     across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself (handoff), and
-    reads THP, pipe-max-size and the kernel release.  It never infers from a version number, leaves
-    nothing behind, and raises nothing for what the system lacks: ``reason`` says.  A finding that
-    needed a descriptor when none was free (EMFILE, ENFILE) is None (``huge_pages``: "unknown"), the
-    reason "no free file descriptor"; such a record is returned, never cached: the next call looks again.
-    """
+    reads THP, pipe-max-size and the kernel release; never from a version number, leaving nothing
+    behind, raising nothing for what the system lacks: ``reason`` says.  A finding that needed a
+    descriptor when none was free (EMFILE, ENFILE) is None (``huge_pages``: "unknown"), the reason "no
+    free file descriptor"; such a record is returned, never cached: the next call looks again."""
     global _probe_cache
     with _probe_lock:
         if _probe_cache is None or refresh:
@@ -1276,8 +1184,7 @@ def _observe(starved: list) -> Support:
     works, zero_copy, moved = _observe_vmsplice(notes, starved)
     handed = _observe_handoff(notes, starved)
     text, size = (_setting(path, notes, starved) for path in (_THP + "enabled", "/proc/sys/fs/pipe-max-size"))
-    mode = "unknown" if text is None else text[text.find("[") + 1:text.find("]")] if "[" in text \
-        else "unavailable"
+    mode = "unknown" if text is None else _thp_mode("", text)
     if mode != "unknown":
         notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
                      else "Transparent huge pages are unavailable.")
@@ -1450,6 +1357,11 @@ def _mismatch(buf: Any, seed: int, length: int) -> int | None:
     return None
 
 
+def _queued(fd: int) -> int:
+    """Bytes waiting in pipe ``fd``."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def _resident(buf: PageBuffer) -> int:
     """Bytes of ``buf`` resident in memory now (mincore(2)), -1 if unknown."""
     vec = (ctypes.c_ubyte * (len(buf) // PAGE_SIZE))()
@@ -1471,8 +1383,7 @@ def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
     if pid:
         return pid
     try:
-        for fd in close:
-            os.close(fd)
+        _run(map(os.close, close))
         fn(*args)
         os._exit(0)
     except BaseException as exc:
@@ -1570,8 +1481,8 @@ def _demo(size: int) -> None:
     labels = {"gift": "gift + move", "plain": "write + readv", "handoff": "handoff"}
     runs = {how: _migrate(size, how, 7, reader_huge=None if how == "gift" else False, label=label)
             for how, label in labels.items() if support.handoff or how != "handoff"}
-    print(f"every byte verified in all {len(runs)} runs ({size} bytes each); seconds from the go:")
-    print(f"  {'':<14} {'arrived':>8} {'verified':>9}   throughput   freed in the writer")
+    print(f"every byte verified in all {len(runs)} runs ({size} bytes each); seconds from the go:\n"
+          f"  {'':<14} {'arrived':>8} {'verified':>9}   throughput   freed in the writer")
     for how, run in runs.items():
         rate = "     -    " if how == "handoff" else f"{size / run['seconds'] / 2**30:6.2f} GiB/s"
         print(f"  {labels[how]:<14} {run['seconds']:8.3f} {run['verified_s']:9.3f}   {rate}   "
@@ -1617,11 +1528,10 @@ def _chain(size: int) -> None:
         hops.append(json.loads(out))
     if hops[3]["bad"] is not None:
         raise RuntimeError(f"live update: data differs at byte {hops[3]['bad']} of {size}")
-    print("live update: handed on shared through 3 fresh interpreters, every byte verified by the last")
-    print("  each hop's handoff + takeover: " + ", ".join(
-        f"{hops[i]['handoff'] + hops[i + 1]['takeover']:.4f} s" for i in range(3)))
-    print(f"  a sealed chain copies the region before hops 2 and 3: {hops[1]['copy']:.4f} s, "
-          f"{hops[2]['copy']:.4f} s")
+    times = ", ".join(f"{hops[i]['handoff'] + hops[i + 1]['takeover']:.4f} s" for i in range(3))
+    print("live update: handed on shared through 3 fresh interpreters, every byte verified by the last\n"
+          f"  each hop's handoff + takeover: {times}\n  a sealed chain copies the region before hops 2 "
+          f"and 3: {hops[1]['copy']:.4f} s, {hops[2]['copy']:.4f} s")
 
 
 def _hop(inbound: int, outbound: int = -1) -> None:
@@ -1643,11 +1553,8 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return fn(*args, **kwargs), time.perf_counter() - start
 
 
-class _ClosedOutput(io.TextIOBase):
-    """``sys.stdout`` where descriptor 1 is closed (``>&-``): a write fails, and the command with it in
-    one line, status 1, as ``cat >&-`` does (141 is for a reader gone after some output)."""
-
-    def write(self, text: str) -> int:
+class _ClosedOutput(io.TextIOBase):  # sys.stdout where descriptor 1 is closed (>&-)
+    def write(self, text: str) -> int:  # fails, and the command in one line, status 1, as `cat >&-` does
         raise OSError(errno.EBADF, "standard output is closed (EBADF): redirect it, to /dev/null to discard")
 
 
@@ -1683,11 +1590,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
                      "(vmsplice), handoff of a sealed memfd (no copy), or a plain copy (write/read).")
     parser.add_argument("--version", action="version", version=f"vmsplicemove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("probe", help="report what this kernel does: vmsplice, page moves, memfd handoff")
-    p.add_argument("--json", action="store_true", help="print the fields as one JSON object")
-    p = sub.add_parser("demo", help="a child's region to its parent by gift/move, copy and handoff; verified")
-    p.add_argument("--size", type=_parse_size, default=256 << 20,
-                   help="bytes to send, from one page up, e.g. 64K, 64M or 1G (default 256M)")
+    sub.add_parser("probe", help="report what this kernel does: vmsplice, page moves, memfd handoff") \
+        .add_argument("--json", action="store_true", help="print the fields as one JSON object")
+    sub.add_parser("demo", help="a child's region to its parent by gift/move, copy and handoff; verified") \
+        .add_argument("--size", type=_parse_size, default=256 << 20,
+                      help="bytes to send, from one page up, e.g. 64K, 64M or 1G (default 256M)")
     command = ""
     try:
         try:
