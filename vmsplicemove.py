@@ -213,20 +213,17 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     page leaves this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
     ``memfd=True``: a sealable memfd's pages, mapped shared, for ``handoff``; a forked child sees a
     private copy-on-write view (it reads the data; the parent can still seal and send them).
-
     A writable bytes-like object that keeps ``mmap``'s ``read``, ``write``, ``seek``, ``find``,
     ``flush``, ``madvise``; the mapping never moves (copy-on-write as far as ``mmap`` knows, which
     refuses ``resize``).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
     Raises TypeError (``size`` not an int), ValueError (not positive, or too large to map), OSError
-    (the system refuses the memory, or memfd: not Linux, seccomp, no free descriptor).
-    """
+    (the system refuses the memory, or memfd: not Linux, seccomp, no free descriptor)."""
 
     __slots__ = ("_huge", "_kind", "_memfd")
     _huge: bool
     _memfd: Any  # the memfd's owner (see "Who owns what"), or None
-    # "private": anonymous memory; "memfd": a memfd mapped shared (it can be handed off); "view": a
-    # memfd mapped private copy-on-write (a sealed takeover, a failed handoff's pages, a fork's child).
-    _kind: str
+    _kind: str  # "private": anonymous memory; "memfd": a memfd mapped shared (it can be handed off);
+    # "view": a memfd mapped private copy-on-write (a sealed takeover, a failed handoff's, a fork's child)
 
     def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
         _check_int("size", size)
@@ -829,6 +826,9 @@ _SO_PASSPIDFD, _SCM_PIDFD = 76, 4  # Linux 6.5: the sender's pidfd, in a control
 _FD_MESSAGES = {(socket.SOL_SOCKET, socket.SCM_RIGHTS), (socket.SOL_SOCKET, _SCM_PIDFD)}
 _CONTROL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4) + 2 * socket.CMSG_SPACE(16)  # + a pidfd, credentials
 _RECEIVE_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
+_ancdata, _payload = operator.itemgetter(1), operator.itemgetter(2)
+_level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.partial(array.array, "i")
 
 
 def _unix_socket(sock: Any, call: str) -> socket.socket:
@@ -1056,12 +1056,6 @@ def _reserve_descriptors(obj: socket.socket) -> None:
     spare.clear()
 
 
-_memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
-_ancdata, _payload = operator.itemgetter(1), operator.itemgetter(2)
-_level_and_type = operator.itemgetter(0, 1)
-_descriptor_numbers = functools.partial(array.array, "i")
-
-
 def _receive(obj: socket.socket, flags: int, into: list) -> None:
     """One C step: ``recvmsg`` of a handoff (one byte more: a longer message shows; a read stops after
     a message with descriptors), its answer stored in ``into``, then an owner for each descriptor in any
@@ -1094,9 +1088,8 @@ def _memfd_kind(fd: int, size: int, shared: bool) -> str:
     if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
         raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
     seals = fcntl.fcntl(fd, _F_GET_SEALS)
-    needed = ((_F_SEAL_SHRINK, "F_SEAL_SHRINK"), (_F_SEAL_GROW, "F_SEAL_GROW")) + \
-        (() if shared else ((_F_SEAL_WRITE, "F_SEAL_WRITE"),))
-    names = [name for bit, name in needed if not seals & bit]
+    needed = {_F_SEAL_SHRINK: "F_SEAL_SHRINK", _F_SEAL_GROW: "F_SEAL_GROW", _F_SEAL_WRITE: "F_SEAL_WRITE"}
+    names = [name for bit, name in needed.items() if not seals & bit and (bit != _F_SEAL_WRITE or not shared)]
     if names:
         raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
                                            f"could still change or truncate the pages")
@@ -1107,6 +1100,8 @@ def _memfd_kind(fd: int, size: int, shared: bool) -> str:
 
 
 # --- Detection: observe, never infer from a version number --------------------------------------------
+_probe_lock = threading.Lock()
+_probe_cache: Support | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1136,10 +1131,6 @@ class Support:
                 ("handoff", word[self.handoff]), ("huge pages", self.huge_pages),
                 ("pipe-max-size", self.pipe_max_size or "unknown")]
         return "\n".join([f"{name:<15} {value}" for name, value in rows] + ["", self.reason])
-
-
-_probe_lock = threading.Lock()
-_probe_cache: Support | None = None
 
 
 def probe(refresh: bool = False) -> Support:
@@ -1179,7 +1170,7 @@ def _setting(path: str, notes: list, starved: list) -> str | None:
         return _untried(f"{path} could not be read", exc, notes, starved) if exc.errno in _NO_FD else ""
 
 
-def _observe(starved: list) -> Support:
+def _observe(starved: list) -> Support:  # probe's work, uncached
     notes: list = []
     works, zero_copy, moved = _observe_vmsplice(notes, starved)
     handed = _observe_handoff(notes, starved)
@@ -1249,8 +1240,7 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
             except OSError as exc:
                 return True, zero_copy, _untried("Page moves could not be checked", exc, notes, starved)
     finally:
-        os.close(r)
-        os.close(w)
+        _run(map(os.close, (r, w)))
     if after == gifted:
         notes.append("The reader received the gifted page itself: vmsplice moves pages here.")
         return True, zero_copy, True
@@ -1303,10 +1293,12 @@ def _observe_handoff(notes: list, starved: list) -> bool | None:
 import io  # noqa: E402  # (loaded with the interpreter: free; what costs is imported where it is used)
 import time  # noqa: E402
 
+_block: list = [None, b""]  # the last seed and its 1 MiB of pseudo-random bytes
+
 
 def _parse_size(text: str) -> int:
-    """'256M', '1GiB', '1.5G', '4096' -> bytes (binary units) rounded up to whole
-    pages; ``argparse.ArgumentTypeError`` for anything else, inf and nan included."""
+    """'256M', '1GiB', '1.5G', '4096' -> bytes (binary units) rounded up to whole pages;
+    ``argparse.ArgumentTypeError`` for anything else, inf and nan included."""
     import argparse
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     s = text.strip().upper().replace("IB", "").rstrip("B")
@@ -1325,12 +1317,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} {'KMGTPEZY'[unit - 1]}iB" if unit else f"{n:.0f} B"
 
 
-_block: list = [None, b""]  # the last seed and its 1 MiB of pseudo-random bytes
-
-
 def _pattern(pos: int, seed: int) -> bytearray:
-    """The 1 MiB at ``pos`` (a multiple of 1 MiB) of the test region of ``seed``: random
-    bytes, each page's first word its page number, so that a lost or misplaced page shows."""
+    """The 1 MiB at ``pos`` (a multiple of 1 MiB) of the test region of ``seed``: random bytes, each
+    page's first word its page number, so that a lost or misplaced page shows."""
     import random
     if _block[0] != seed:
         _block[:] = seed, random.Random(seed).randbytes(1 << 20)
@@ -1377,8 +1366,8 @@ def _status_kib(field: str, path: str = "/proc/self/status") -> int:
 
 
 def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
-    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error, after closing
-    ``close``, the parent's pipe ends (holding them, it would hang if the parent died)."""
+    """Fork; run ``fn(*args)`` in the child, which exits 0, or 1 on error, after closing ``close``,
+    the parent's pipe ends (holding them, it would hang if the parent died)."""
     pid = os.fork()
     if pid:
         return pid
@@ -1413,13 +1402,11 @@ def _writer_child(fn: Any, *args: Any) -> Any:
     r, w = pipe()
     sr, sw = (s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
     pid = _in_child(writer, w, sw, *args, close=(r, sr))
-    os.close(w)
-    os.close(sw)
+    _run(map(os.close, (w, sw)))
     try:
         yield r, sr
     finally:
-        os.close(r)
-        os.close(sr)
+        _run(map(os.close, (r, sr)))
         os.kill(pid, 9)  # SIGKILL: its work is done (its last word came) or no longer wanted
         os.waitpid(pid, 0)
 
