@@ -84,12 +84,10 @@ except (AttributeError, ValueError, OSError):
     IOV_MAX = 1024  # UIO_MAXIOV, the kernel's limit on every architecture
 
 _LINUX = sys.platform.startswith("linux")
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031), getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _MADV_DONTNEED = 4  # Linux: private anonymous pages are freed and read back as zeros
 _MADV_REMOVE = 9  # shared memory: the pages are freed and read back as zeros
-_MADV_DONTFORK = 10
-_MADV_HUGEPAGE = 14
+_MADV_DONTFORK, _MADV_HUGEPAGE = 10, 14
 _MADV_COLLAPSE = 25  # Linux 6.1: make huge pages now, whatever the THP settings say
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
 _F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
@@ -496,8 +494,7 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
             if err != errno.EINTR:
                 raise _fd_error(err, fd, "vmsplice")
     finally:
-        for view in views:
-            view.release()
+        _run(map(memoryview.release, views))
 
 
 # --- Gift and move: the protocol of the RFC ----------------------------------------------------------
@@ -665,9 +662,9 @@ def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> 
 
 
 def _refill_is_huge(advice: int) -> bool:
-    """Whether a huge page dropped in pieces (the first one split it) is refilled with one fault, not
-    512, after one more drop of the whole, empty huge page: where the kernel then frees the empty page
-    table (CONFIG_PT_RECLAIM, seen on 6.18).  Observed once, counting this thread's faults."""
+    """Whether a huge page dropped in pieces (the first split it) refills with one fault, not 512, after
+    one more drop of the whole empty huge page: where the kernel then frees the empty page table
+    (CONFIG_PT_RECLAIM, seen on 6.18).  Observed once, counting this thread's faults."""
     global _mend
     faults, hp = [0, 0], _HUGE_PAGE_SIZE
     try:
@@ -696,9 +693,9 @@ def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
 
 
 def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
-    """The descriptor the copy fallback uses for ``fd``'s pipe: ``fd``, or a new one on the pipe
-    (/proc/self/fd) that never waits (O_NONBLOCK, ``fd``'s flags left alone) or makes no packets
-    (``fd`` has O_DIRECT: read(2) drops what a short read leaves of a packet; vmsplice makes none)."""
+    """The copy fallback's descriptor for ``fd``'s pipe: ``fd``, or a new one (/proc/self/fd) that never
+    waits (O_NONBLOCK, ``fd``'s flags left alone) or makes no packets (``fd`` has O_DIRECT: read(2)
+    drops what a short read leaves of a packet; vmsplice makes none)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
     if not nonblock and not packets:
         return fd
@@ -981,9 +978,8 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
-    """Peek at the next message (the kernel gives a peek duplicates of its descriptors), check it, map
-    its memfd, then take it off the socket in one C step: before that, the handoff is still on the
-    socket; after it, the pages are in ``state``."""
+    """Peek at the next message (a peek gets duplicates of its descriptors), check it, map its memfd, then
+    take it off the socket in one C step: before that the handoff is on the socket, after it in ``state``."""
     peeked: list = []
     _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
     try:
@@ -1036,9 +1032,8 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
-    """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, and the
-    pages with them): take as many and give them back; the first time, one is a memfd: where memfds
-    live (``_memfd_kind``)."""
+    """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, pages and
+    all): take as many and give them back; the first time, one is a memfd: where memfds live."""
     count = 1
     with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
         count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
