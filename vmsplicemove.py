@@ -830,7 +830,7 @@ _level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.part
 
 def _unix_socket(sock: Any, call: str) -> socket.socket:
     """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket; for a descriptor, our own
-    duplicate (nothing here closes the caller's), which the caller closes (or, after a raise, GC does)."""
+    duplicate (nothing here closes the caller's), which the caller closes (freed if a handler raises)."""
     if isinstance(sock, socket.socket):
         obj = sock
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -1535,8 +1535,8 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return fn(*args, **kwargs), time.perf_counter() - start
 
 
-class _ClosedOutput(io.TextIOBase):  # sys.stdout where descriptor 1 is closed (>&-)
-    def write(self, text: str) -> int:  # fails, and the command in one line, status 1, as `cat >&-` does
+class _ClosedOutput(io.TextIOBase):  # sys.stdout where descriptor 1 is closed (>&-): a write fails, and the
+    def write(self, text: str) -> int:  # command, in one line, status 1, as `cat >&-` (141: reader gone)
         raise OSError(errno.EBADF, "standard output is closed (EBADF): redirect it, to /dev/null to discard")
 
 
