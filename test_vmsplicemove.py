@@ -1208,10 +1208,14 @@ def test_memfd_pagebuffer_move_into_it_and_discard(pipe_fds):
         assert buf[:] == bytes(4 * PAGE)
 
 
-def test_a_forked_child_reads_a_memfd_buffer_and_the_parent_can_still_hand_it_off():
+@pytest.mark.parametrize("inherited", [False, True], ids=["as-is", "after-MADV_DOFORK"])
+def test_a_forked_child_reads_a_memfd_buffer_and_the_parent_can_still_hand_it_off(inherited):
     """A child forked while a memfd buffer exists (multiprocessing's fork does this) reads the data
-    through a private view and never crashes; the parent can seal and send the pages meanwhile."""
+    through a private view and never crashes; the parent can seal and send the pages meanwhile; so
+    too where the caller undid MADV_DONTFORK and the child inherited the shared mapping."""
     buf, data = filled_memfd_buffer(2 * PAGE, 45)
+    if inherited:
+        buf.madvise(mmap.MADV_DOFORK)
 
     def look():
         seen = bytes(buf[:])
@@ -1229,9 +1233,14 @@ def test_a_forked_child_reads_a_memfd_buffer_and_the_parent_can_still_hand_it_of
     assert "fork" in refused
     assert buf[:] == data, "the child's write reached the parent"
     go_r, go_w = os.pipe()
-    pid = start_child(lambda: (os.read(go_r, 1), bytes(buf[:PAGE]) == data[:PAGE] or os._exit(3)),
-                      close=[go_w])  # a child alive during the handoff, reading
+    ready_r, ready_w = os.pipe()
+    pid = start_child(lambda: (os.write(ready_w, b"r"), os.read(go_r, 1),
+                               bytes(buf[:PAGE]) == data[:PAGE] or os._exit(3)),
+                      close=[go_w, ready_r])  # a child alive during the handoff, reading
     os.close(go_r)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"r"  # running: its at-fork hook has made its view
+    os.close(ready_r)
     a, b = unix_pair()
     try:
         assert vm.handoff(a, buf) == 2 * PAGE  # sealing works: the child holds no writable mapping
@@ -2273,12 +2282,19 @@ def _leak_storm(what, seed, rounds, floor, cap=40.0):
     then every count must be as before, every export released, every handoff found exactly once."""
     rng = random.Random(seed)
     stats = {"armed": [False], "interrupted": 0, "rounds": 0, "lost": [], "doubled": []}
+    busy = [False]
 
     def handler(signum, frame):
-        while stats["armed"][0] and frame is not None:
-            if frame.f_code.co_filename == vm.__file__:
-                raise KeyboardInterrupt
-            frame = frame.f_back
+        if busy[0]:  # a tick while the last one is handled (3.9/3.10 run handlers in handlers)
+            return
+        busy[0] = True
+        try:
+            while stats["armed"][0] and frame is not None:
+                if frame.f_code.co_filename == vm.__file__:
+                    raise KeyboardInterrupt
+                frame = frame.f_back
+        finally:
+            busy[0] = False
 
     signal.signal(signal.SIGALRM, handler)
     r, w = vm.pipe(64 * PAGE)
@@ -2578,6 +2594,97 @@ def test_takeover_with_no_descriptor_free_says_so_and_keeps_the_handoff():
     first, second = _isolated(_takeover_with_no_descriptor_free, timeout=60)
     assert first[0] == errno.EMFILE and "no free file descriptor" in first[1], first
     assert second is True, "the handoff was lost"
+
+
+@pytest.mark.parametrize("passpidfd", [False, True], ids=["plain", "SO_PASSPIDFD"])
+@pytest.mark.parametrize("free", range(6))
+def test_takeover_short_of_descriptors_keeps_the_handoff_or_takes_it_whole(free, passpidfd):
+    """EMFILE leaves the handoff on the socket; anything else returns it: never an EMFILE that took it."""
+    def attempt():
+        a, b = unix_pair(socket.SOCK_SEQPACKET)
+        if passpidfd:
+            try:
+                b.setsockopt(socket.SOL_SOCKET, 76, 1)
+            except OSError:
+                return "no SO_PASSPIDFD"
+        buf, data = filled_memfd_buffer(PAGE, 15)
+        vm.handoff(a, buf)
+        taken = _take_all_descriptors_but(free)
+        try:
+            with vm.takeover(b) as got:
+                outcome = "taken" if got[:] == data else "changed"
+        except OSError as exc:
+            outcome = f"{exc.errno} {exc} buffer={getattr(exc, 'buffer', None)}"
+        finally:
+            for fd in taken:
+                os.close(fd)
+        if outcome != "taken":
+            with vm.takeover(b) as got:  # still queued
+                outcome += " | then " + ("taken" if got[:] == data else "changed")
+        return outcome
+    outcome = in_child(attempt)
+    if outcome == "no SO_PASSPIDFD":
+        pytest.skip("no SO_PASSPIDFD before Linux 6.5")
+    kept = outcome.startswith(f"{errno.EMFILE} ") and "no free file descriptor" in outcome
+    assert outcome == "taken" or (kept and outcome.endswith("buffer=None | then taken")), outcome
+
+
+def test_handoff_and_takeover_of_a_raw_descriptor_with_none_free_say_so():
+    def attempt():
+        a, b = unix_pair()
+        buf, data = filled_memfd_buffer(PAGE, 16)
+        taken = _take_all_descriptors_but(0)
+        out = []
+        try:
+            for call in (lambda: vm.handoff(a.fileno(), buf), lambda: vm.takeover(b.fileno())):
+                try:
+                    call()
+                    out.append("returned")
+                except OSError as exc:
+                    out.append((exc.errno, str(exc)))
+        finally:
+            for fd in taken:
+                os.close(fd)
+        out.append(bytes(buf[:]) == data)
+        return out
+    (h, t, intact) = in_child(attempt)
+    for err, message in (h, t):
+        assert err == errno.EMFILE and "cannot duplicate descriptor" in message, message
+    assert intact
+
+
+def test_takeover_refuses_a_hugetlb_memfd_naming_it():
+    try:
+        fd = os.memfd_create("huge", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    except OSError as exc:
+        pytest.skip(f"no hugetlb memfd here: {exc}")
+    a, b = unix_pair()
+    try:
+        send_raw(a, WIRE.pack(b"pagemove", 2 << 20), [fd])
+        with pytest.raises(ValueError, match="MFD_HUGETLB"):
+            vm.takeover(b)
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_takeover_that_cannot_map_the_size_says_so_and_keeps_the_handoff():
+    size = 1 << 40  # a sparse memfd larger than this machine's memory and swap
+    fd = sealed_memfd(size)
+    a, b = unix_pair(socket.SOCK_SEQPACKET)
+    try:
+        send_raw(a, WIRE.pack(b"pagemove", size), [fd])
+        try:
+            vm.takeover(b).close()
+            pytest.skip("this machine maps 1 TiB")
+        except OSError as exc:
+            assert exc.errno == errno.ENOMEM and "still queued" in str(exc), exc
+        assert len(b.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == WIRE.size  # still there
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
 
 
 def test_handoff_of_an_exported_buffer_says_which_and_what_to_do():

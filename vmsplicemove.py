@@ -127,7 +127,6 @@ _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_siz
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
-_munmap_fn = _bind(_libc, "munmap", _c_int, _c_ptr, _c_size)
 # madvise through a second handle without use_errno: called right after vmsplice, it must not
 # overwrite the errno that ctypes saved for vmsplice.
 _madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)
@@ -189,8 +188,7 @@ class _OwnHelp(type):
 # step from the call that returns it.  Exception handlers then only drop references.
 _own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
-_MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
-_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
 _HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
 _Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
 # The cause, where a call that makes a descriptor fails with one of these.
@@ -210,7 +208,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     what it got.  ``memfd=False``: private anonymous memory, what ``gift`` needs (a dropped *private*
     page leaves this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
     ``memfd=True``: a sealable memfd's pages, mapped shared, for ``handoff``; a forked child sees a
-    private copy-on-write view (it reads the data; the parent can still seal and send them).
+    private copy-on-write view (it reads the data; the parent can still seal and send them;
+    after ``madvise(MADV_DOFORK)``, only once the child has started running).
     A writable bytes-like object that keeps ``mmap``'s ``read``, ``write``, ``seek``, ``find``,
     ``flush``, ``madvise``; the mapping never moves (copy-on-write as far as ``mmap`` knows, which
     refuses ``resize``).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
@@ -312,17 +311,15 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
 
 def _after_fork() -> None:
-    """In a forked child: every shared buffer (absent here: MADV_DONTFORK) becomes a private
-    copy-on-write view of its memfd at the same address, which does not block the parent's seals."""
+    """In a forked child: every shared buffer becomes a private copy-on-write view of its memfd at the
+    same address, which does not block the parent's seals.  The range is the buffer's own: absent here
+    (MADV_DONTFORK), or inherited shared if the caller undid that (MADV_DOFORK): MAP_FIXED replaces it."""
     for ref in list(_shared_buffers):
         buf = ref()
         if buf is None or buf.closed:
             continue
         address, size = ctypes.addressof(_Pin.from_buffer(buf)), len(buf)
-        got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED_NOREPLACE, buf._memfd.fileno(), 0)
-        if got not in (address, _MAP_FAILED):  # before Linux 4.17 the flag is a hint: the range is free
-            _munmap_fn(got, size)
-            got = _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, buf._memfd.fileno(), 0)
+        _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, buf._memfd.fileno(), 0)
         buf._kind, buf._memfd = "view", None  # a view needs no descriptor
     _shared_buffers.clear()
 
@@ -841,7 +838,11 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
         if not is_socket:
             raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket")
         owned: list = []
-        owned.extend(map(socket.socket, (-1,), (-1,), (-1,), map(os.dup, (sock,))))  # one C step
+        try:
+            owned.extend(map(socket.socket, (-1,), (-1,), (-1,), map(os.dup, (sock,))))  # one C step
+        except OSError as exc:
+            raise OSError(exc.errno, f"{call}: cannot duplicate descriptor {sock} ({exc.strerror}): close "
+                                     f"some descriptors, or pass the socket object") from None
         obj = owned[0]
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
@@ -927,7 +928,7 @@ def _seal(fd: int, seals: int) -> None:
     except OSError as exc:
         why = {errno.EBUSY: "another writable shared mapping of these pages exists (another process "
                             "mapped the memfd, or holds it from takeover(shared=True)): end it, or hand "
-                            "off with shared=True",
+                            "such pages off with shared=True",
                errno.EPERM: "the memfd's seals are themselves sealed (F_SEAL_SEAL) without these: hand "
                             "it off with shared=True"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
         raise OSError(exc.errno, f"handoff: the kernel refuses to seal the memfd: {why}; "
@@ -988,7 +989,12 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
         with contextlib.suppress(BlockingIOError):  # (another thread took it)
             _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # a refused message leaves, closed
         raise
-    _map_into(state, *checked)
+    try:
+        _map_into(state, *checked)
+    except (OSError, MemoryError) as exc:  # ENOMEM, say: a size this process cannot map now
+        raise OSError(getattr(exc, "errno", None) or errno.ENOMEM, f"takeover: cannot map the {checked[2]} "
+                      f"bytes the handoff announces ({exc}); it is still queued: free memory and call "
+                      f"takeover again, or close the socket") from None
     try:
         _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # one C step: now the pages are the caller's
     except BlockingIOError:
@@ -996,6 +1002,7 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     taken = state["taken"]
     same = [os.path.sameopenfile(got.fileno(), checked[0].fileno()) for got in _rights(taken[:1], taken[1:])]
     if taken[0][0] != peeked[0][0] or same == [False]:  # another took the one looked at: this one, as it is
+        state["mapped"] = []  # first: the pages looked at are another's
         _map_into(state, *_check_handoff(taken, shared))
 
 
@@ -1034,7 +1041,7 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
 def _reserve_descriptors(obj: socket.socket) -> None:
     """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, pages and
     all): take as many and give them back; the first time, one is a memfd: where memfds live."""
-    count = 1
+    count = 1  # for the peek: when the message is taken, duplicates that find no room are only dropped
     with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
         count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
     spare: list = []
@@ -1061,7 +1068,7 @@ def _receive(obj: socket.socket, flags: int, into: list) -> None:
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
     carrying = map(_FD_MESSAGES.__contains__, map(_level_and_type, kinds))
     payloads = itertools.compress(map(_payload, messages), carrying)
-    numbers = itertools.chain.from_iterable(map(_descriptor_numbers, payloads))
+    numbers = filter((-1).__lt__, itertools.chain.from_iterable(map(_descriptor_numbers, payloads)))
     _run(itertools.chain(map(into.append, reply), map(into.append, map(_own_fd, numbers))))
 
 
@@ -1081,7 +1088,9 @@ def _memfd_kind(fd: int, size: int, shared: bool) -> str:
     """Check a received descriptor; return how to map it: "memfd" (shared) or "view" (private)."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
-        raise ValueError(f"takeover: the descriptor received is {_describe_fd(fd)}, not a memfd")
+        what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(fd)
+        raise ValueError(f"takeover: the descriptor received is {what}, not a memfd of shmem (memfd_create "
+                         f"without MFD_HUGETLB)")
     seals = fcntl.fcntl(fd, _F_GET_SEALS)
     needed = {_F_SEAL_SHRINK: "F_SEAL_SHRINK", _F_SEAL_GROW: "F_SEAL_GROW", _F_SEAL_WRITE: "F_SEAL_WRITE"}
     names = [name for bit, name in needed.items() if not seals & bit and (bit != _F_SEAL_WRITE or not shared)]
