@@ -883,6 +883,8 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
             stops the seal).  Every exception, a signal handler's included, carries ``transferred``
             (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go
             and ``buf`` was already closed (a view; with ``shared``, writable shared memory), else None.
+            Missing (CPython 3.9/3.10: a handler between the ``try`` and the ``return``): ``buf``
+            closed means the pages went, open that nothing happened.
     """
     if not isinstance(buf, PageBuffer) or buf._kind == "private":
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
@@ -954,8 +956,10 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
         ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
             ``sock`` is not a connected Unix socket.  TypeError: ``sock`` is neither a socket nor an
             int; ``shared`` is no bool.  OSError: EMFILE: no descriptor free to receive into (the
-            handoff stays on the socket).  Any exception after the message left the socket (a signal
-            handler's) carries its pages in ``buffer``; any other, ``buffer`` None.
+            handoff stays on the socket), ENOMEM: the size cannot be mapped (it stays too).  Any
+            exception after the message left the socket (a signal handler's) carries its pages in
+            ``buffer``; any other, ``buffer`` None (on CPython 3.9/3.10 a handler between the ``try``
+            and the ``return`` raises without it, and the handoff is lost: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
