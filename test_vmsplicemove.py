@@ -175,10 +175,10 @@ def pipe_max_size():
     return int(Path("/proc/sys/fs/pipe-max-size").read_text())
 
 
-def thp_mode():
-    """The transparent-huge-page mode, read here without the module."""
+def thp_mode(setting="enabled"):
+    """A transparent-huge-page mode ("enabled", or "shmem_enabled"), read here without the module."""
     try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        text = Path(f"/sys/kernel/mm/transparent_hugepage/{setting}").read_text()
     except OSError:
         return "unavailable"
     found = re.search(r"\[(\w+)\]", text)
@@ -1458,15 +1458,6 @@ def test_takeover_refuses_a_hostile_child_that_keeps_writing():
 HUGE = vm._HUGE_PAGE_SIZE
 
 
-def shmem_thp_mode():
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-    except OSError:
-        return "unavailable"
-    found = re.search(r"\[(\w+)\]", text)
-    return found.group(1) if found else "unavailable"
-
-
 def pmd_mapped_kib(address):
     """ShmemPmdMapped of the mapping at ``address``: how much of it the kernel maps in huge pages."""
     inside = False
@@ -1481,7 +1472,7 @@ def pmd_mapped_kib(address):
 
 
 def test_memfd_buffer_of_whole_huge_pages_gets_huge_pages_where_the_kernel_allows():
-    mode = shmem_thp_mode()
+    mode = thp_mode("shmem_enabled")
     with vm.PageBuffer(2 * HUGE, memfd=True) as buf:
         if mode in ("deny", "unavailable"):
             assert not buf.huge
