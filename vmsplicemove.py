@@ -1,13 +1,13 @@
+# vmsplicemove 0.2.0: one file, to vendor as it is.  Copyright (c) 2026 The vmsplicemove developers.
+# SPDX-License-Identifier: MIT; the licence's text is at the end of this file and goes with every copy.
+# From the vmsplicemove repository, beside its tests (test_vmsplicemove.py) and benchmark.
 """Move memory pages between processes with Linux vmsplice(2), or hand them over whole.
 
-The protocol of the 2013 "vmsplice: Add limited zero copy" RFC: the writer *gifts* pages of
-page-aligned private memory to a pipe with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` and never touches them
-again; the reader asks for them with ``SPLICE_F_MOVE`` into page-aligned memory; where a move is not
-possible, the kernel copies.  Mainline Linux never merged the move: ``vmsplice`` into user memory
-copies.  What is real is the writer's half: ``vmsplice`` into a pipe queues references to the writer's
-own pages, flag or no flag.  That is also its danger: a later write to the buffer changes data already
-queued.  ``gift`` therefore drops the queued pages from the writer (``MADV_DONTNEED``), so the writer
-reads zeros there and the reader gets the original.
+The 2013 RFC's protocol: the writer *gifts* page-aligned private memory to a pipe (``SPLICE_F_GIFT |
+SPLICE_F_MOVE``) and never touches it again; the reader asks for the pages (``SPLICE_F_MOVE``).  Mainline
+Linux never merged the move (the reader copies), but ``vmsplice`` into a pipe does queue references to
+the writer's own pages, so a later write would change queued data: ``gift`` drops them from the writer
+(``MADV_DONTNEED``), which then reads zeros, while the reader gets the original.
 
     >>> import os, vmsplicemove as vm
     >>> r, w = vm.pipe()
@@ -20,15 +20,13 @@ reads zeros there and the reader gets the original.
     >>> os.close(r), os.close(w)
     (None, None)
 
-``handoff`` and ``takeover`` move the pages themselves: a sealed memfd over a Unix socket.  ``probe()``
-tells what the running kernel really does.  Where ``vmsplice`` is refused (ENOSYS, EPERM), ``gift`` and
-``move`` copy instead.  Standard library only; CPython 3.9 or later.
+``handoff``/``takeover`` move the pages themselves: a sealed memfd over a Unix socket.  ``probe()`` tells
+what this kernel does.  Where ``vmsplice`` is refused (ENOSYS, EPERM), ``gift`` and ``move`` copy.
 """
 
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -48,7 +46,6 @@ import weakref
 
 try:
     import fcntl
-    import termios
 except ImportError:  # Windows
     raise ImportError("vmsplicemove needs Linux, or another POSIX system (where gift and move copy, "
                       "without vmsplice(2)): this Python has no fcntl module") from None
@@ -57,8 +54,9 @@ TYPE_CHECKING = False  # typing costs milliseconds at import; annotations are st
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
-
-if sys.version_info < (3, 9):  # noqa: UP036  # 3.7 lacks mmap.madvise: a gift would queue pages it cannot drop
+# 3.9 is the oldest CPython tested here (3.8 ended in October 2024); 3.7's mmap has no madvise, so a
+# gift would queue pages it cannot drop.
+if sys.version_info < (3, 9):  # noqa: UP036
     raise ImportError("vmsplicemove needs Python 3.9 or later, not {}.{}".format(*sys.version_info[:2]))
 
 __all__ = [
@@ -68,7 +66,6 @@ __all__ = [
 __version__ = "0.2.0"
 
 # --- Constants (include/uapi/linux/splice.h, mman-common.h, fcntl.h) ---------------------------------
-
 PAGE_SIZE: int = mmap.PAGESIZE
 _PAGE_MASK = PAGE_SIZE - 1
 SPLICE_F_MOVE: int = 1
@@ -77,31 +74,36 @@ SPLICE_F_MORE: int = 4
 SPLICE_F_GIFT: int = 8
 _SPLICE_F_ALL = SPLICE_F_MOVE | SPLICE_F_NONBLOCK | SPLICE_F_MORE | SPLICE_F_GIFT
 _MOVE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-
 try:
     IOV_MAX: int = max(os.sysconf("SC_IOV_MAX"), 1)
 except (AttributeError, ValueError, OSError):
     IOV_MAX = 1024  # UIO_MAXIOV, the kernel's limit on every architecture
-
 _LINUX = sys.platform.startswith("linux")
-_F_SETPIPE_SZ, _F_GETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031), getattr(fcntl, "F_GETPIPE_SZ", 1032)
-_MADV_DONTNEED = 4  # Linux: private anonymous pages are freed and read back as zeros
-_MADV_REMOVE = 9  # shared memory: the pages are freed and read back as zeros
-_MADV_DONTFORK, _MADV_HUGEPAGE = 10, 14
+
+
+def _constants(module: Any, **linux_values: int) -> list:  # the module's where it has them, else Linux's
+    return [getattr(module, name, value) for name, value in linux_values.items()]
+
+
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = _constants(fcntl, F_SETPIPE_SZ=1031, F_GETPIPE_SZ=1032)  # Python 3.10
+# MADV_DONTNEED frees private anonymous pages (read back as zeros), MADV_REMOVE shared memory's.
+_MADV_DONTNEED, _MADV_REMOVE, _MADV_DONTFORK, _MADV_HUGEPAGE = _constants(
+    mmap, MADV_DONTNEED=4, MADV_REMOVE=9, MADV_DONTFORK=10, MADV_HUGEPAGE=14)
 _MADV_COLLAPSE = 25  # Linux 6.1: make huge pages now, whatever the THP settings say
 _MADV_DONTNEED_LOCKED = 24  # Linux 5.18: MADV_DONTNEED that also drops mlock()ed pages
-_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
-_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 1, 2, 4, 8
+_F_ADD_SEALS, _F_GET_SEALS = _constants(fcntl, F_ADD_SEALS=1033, F_GET_SEALS=1034)
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE, _F_SEAL_FUTURE_WRITE = _constants(
+    fcntl, F_SEAL_SEAL=1, F_SEAL_SHRINK=2, F_SEAL_GROW=4, F_SEAL_WRITE=8, F_SEAL_FUTURE_WRITE=16)  # 3.13
+_MAP_FIXED, _RW = 0x10, mmap.PROT_READ | mmap.PROT_WRITE
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 
 # --- The libc binding: argtypes and restype set once --------------------------------------------------
-
 # struct iovec {void *iov_base; size_t iov_len;} as bytes: ctypes passes bytes to a c_void_p argument
 # as a pointer, faster than it builds a Structure, and the kernel only reads it.
 _pack_iovec = struct.Struct("PN").pack
 
 
-def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:
+def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:  # None where libc lacks it
     fn = getattr(lib, name, None)
     if fn is not None:
         fn.restype, fn.argtypes = restype, list(argtypes)
@@ -121,15 +123,12 @@ def _libc_handle(use_errno: bool) -> Any:
 
 
 _c_int, _c_size, _c_ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
-# Calls whose errno we read: ctypes keeps it per thread (ctypes.get_errno()).
-_libc = _libc_handle(True)
+_libc = _libc_handle(True)  # errno saved per thread right after each call (ctypes.get_errno())
 _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_size, ctypes.c_uint)
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
-# madvise through a second handle without use_errno: called right after vmsplice, it must not
-# overwrite the errno that ctypes saved for vmsplice.
-_madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)
+_madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)  # see "The C step"
 
 
 class _PyBuffer(ctypes.Structure):  # Py_buffer: the buffer protocol's view of an object
@@ -142,22 +141,47 @@ _pythonapi = ctypes.PyDLL(None)  # our own handle: ctypes.pythonapi's argtypes a
 _GetBuffer = _bind(_pythonapi, "PyObject_GetBuffer", _c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer),
                    _c_int)
 _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyBuffer))
-_run: Any = collections.deque(maxlen=0).extend  # runs an iterator in C, keeping nothing
+
+# --- The C step: what no signal handler can split -------------------------------------------------
+# CPython runs a Python signal handler in the main thread between bytecodes, whichever thread got the
+# signal, so blocking signals cannot keep it out, and the handler may raise (KeyboardInterrupt).
+# Raising between a system call and what must follow it would lose what it made: a count, a
+# descriptor, gifted pages still mapped.  So each such pair is one *C step*: a chain of iterators
+# over C callables, pulled to its end by one C call (``_c_step``), which stores what the chain yields.
+# The rules, which every use below keeps:
+#   - only C callables in the chain (builtins, methods of C types, ctypes functions): a Python
+#     function runs bytecodes, where a handler can raise;
+#   - the caller reads what the step made from the list it passed, never from a return value: a
+#     handler that raises once the step has ended leaves it stored all the same;
+#   - exception handlers only load and store, they call nothing: from CPython 3.11 the interpreter
+#     runs signal handlers only at calls and backward jumps, so such a handler finishes.  3.9 and 3.10
+#     also check at most other bytecodes: a second raising handler there can cut the first short;
+#   - a link after a system call whose errno is read leaves errno alone: ctypes saves errno after
+#     every call through a use_errno handle, so madvise, which follows vmsplice in a gift's step, has
+#     a second handle without it.
+# Waits happen between steps; no signal is ever blocked.
+
+
+def _c_step(into: list, chain: Any) -> None:
+    """Run the iterator ``chain`` to its end in one C call, appending what it yields to ``into``."""
+    into.extend(chain)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    """A link of a C step: the call ``fn(*args)``, made once when the chain pulls it."""
+    return map(fn, *zip(args))
 
 
 def _address_of(view: memoryview) -> int:
     """The address of a contiguous ``view``'s bytes, read-only too (ctypes' API has it for writable
     ones only).  ``view`` keeps the object exported, so that it cannot be closed or resized."""
     raw = _PyBuffer()
-    # One C step: acquired and released at once (a handler raising in between would leave it exported).
-    _run(map(_ReleaseBuffer, itertools.compress((raw,), map(operator.not_, map(_GetBuffer, (view,), (raw,),
-                                                                                   (0,))))))  # PyBUF_SIMPLE
+    acquired = map(operator.not_, _call(_GetBuffer, view, raw, 0))  # PyBUF_SIMPLE; 0: acquired
+    _c_step([], map(_ReleaseBuffer, itertools.compress((raw,), acquired)))  # released at once
     return raw.buf or 0
 
 
 # --- Page buffers ----------------------------------------------------------------------------------
-
-
 def _read_setting(path: str, default: str) -> str:
     with contextlib.suppress(OSError), open(path) as f:
         return f.read().strip()
@@ -182,21 +206,21 @@ class _OwnHelp(type):
 
 
 # Who owns what.  A descriptor or a mapping held as a bare int would leak if a signal handler raised
-# before it reached its owner, so each is born inside an object that releases it in C when freed:
-# a mapping inside its mmap object, a descriptor inside an epoll object (``epoll.fromfd`` adopts any
-# descriptor and closes it, silently, when freed; no other standard type does both), made by one C
-# step from the call that returns it.  Exception handlers then only drop references.
+# before it reached its owner, so each is born, in one C step, inside an object that releases it in C
+# when freed: a mapping inside its mmap object, a descriptor inside an epoll object (``epoll.fromfd``
+# adopts any descriptor and closes it, silently, when freed; no other standard type does both).
+# Exception handlers then only drop references.
 _own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
-_RW = mmap.PROT_READ | mmap.PROT_WRITE
-_MAP_FIXED = 0x10
 _HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
 _Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
-# The cause, where a call that makes a descriptor fails with one of these.
 _NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
           errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
 # Weak references to the buffers mapped shared, for _after_fork; each removes itself in C when its
 # buffer is freed (a WeakSet would run Python code there, where a signal handler may raise).
 _shared_buffers: set = set()
+# What a PageBuffer maps (its _kind): private anonymous memory; a memfd mapped shared (it can be handed
+# off); a memfd mapped private copy-on-write (a sealed takeover, a failed handoff's, a fork's child).
+_PRIVATE, _SHARED, _VIEW = "private", "shared memfd", "memfd view"
 
 
 class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
@@ -208,19 +232,17 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     what it got.  ``memfd=False``: private anonymous memory, what ``gift`` needs (a dropped *private*
     page leaves this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
     ``memfd=True``: a sealable memfd's pages, mapped shared, for ``handoff``; a forked child sees a
-    private copy-on-write view (it reads the data; the parent can still seal and send them;
-    after ``madvise(MADV_DOFORK)``, only once the child has started running).
-    A writable bytes-like object that keeps ``mmap``'s ``read``, ``write``, ``seek``, ``find``,
-    ``flush``, ``madvise``; the mapping never moves (copy-on-write as far as ``mmap`` knows, which
-    refuses ``resize``).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
+    private copy-on-write view (the parent can still seal and send them; after ``madvise(MADV_DOFORK)``,
+    only once the child has started running).  A writable bytes-like object that keeps ``mmap``'s
+    ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; the mapping never moves (``resize``
+    is refused).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
     Raises TypeError (``size`` not an int), ValueError (not positive, or too large to map), OSError
     (the system refuses the memory, or memfd: not Linux, seccomp, no free descriptor)."""
 
     __slots__ = ("_huge", "_kind", "_memfd")
     _huge: bool
-    _memfd: Any  # the memfd's owner (see "Who owns what"), or None
-    _kind: str  # "private": anonymous memory; "memfd": a memfd mapped shared (it can be handed off);
-    # "view": a memfd mapped private copy-on-write (a sealed takeover, a failed handoff's, a fork's child)
+    _memfd: Any  # the memfd's owner (see "Who owns what") while mapped shared, else None
+    _kind: str  # _PRIVATE, _SHARED or _VIEW
 
     def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
         _check_int("size", size)
@@ -235,29 +257,35 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
             raise ValueError(f"size {size} is larger than any mapping can be")
         self = cls._placeholder(rounded)
         if memfd:
-            self._adopt(_new_memfd(rounded), "memfd")
+            self._adopt(_new_memfd(rounded), _SHARED)
         if huge:  # private memory: huge means chosen (THP mode never: advised all the same)
             self._huge = _make_huge(self, advice or _MADV_HUGEPAGE) if advice or not memfd else False
         return self
 
     @classmethod
     def _placeholder(cls, size: int) -> PageBuffer:
-        """``size`` bytes of private anonymous memory.  Linux 6.7+ starts a mapping of whole huge pages
-        on a huge-page boundary, which ``_adopt`` keeps: a memfd mapped there faults huge pages."""
+        """``size`` bytes of private anonymous memory (copy-on-write to mmap, which then refuses to resize
+        it).  Linux 6.7+ starts whole huge pages on a huge-page boundary, which ``_adopt`` keeps."""
         self = super().__new__(cls, -1, size, access=mmap.ACCESS_COPY)
-        self._huge, self._memfd, self._kind = False, None, "private"
+        self._huge, self._memfd, self._kind = False, None, _PRIVATE
         return self
 
-    def _adopt(self, memfd: Any, kind: str) -> None:
-        """Map ``memfd`` (an owner) over this buffer's range, shared ("memfd") or private ("view")."""
-        flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
-        address = self.address
-        if _mmap_fn(address, len(self), _RW, flags, memfd.fileno(), 0) != address:
-            raise OSError(ctypes.get_errno(), f"mmap of the memfd failed: {os.strerror(ctypes.get_errno())}")
-        self._memfd, self._kind = (memfd if kind == "memfd" else None), kind  # a view needs no descriptor
-        if kind == "memfd":  # a child's shared mapping would block F_SEAL_WRITE: _after_fork gives it a view
-            self.madvise(_MADV_DONTFORK)
+    def _adopt(self, memfd: Any, kind: str, mapped: list | None = None) -> None:
+        """Map ``memfd`` (an owner) over this buffer's range as ``kind`` (_SHARED or _VIEW); mmap's answer
+        goes to ``mapped`` in one C step, for a caller whose exception handler must know it."""
+        address, mapped, before = self.address, [] if mapped is None else mapped, (self._memfd, self._kind)
+        # Said first, so that the buffer is right once the step has run: a view needs no descriptor; a
+        # child's shared mapping would stop F_SEAL_WRITE, so _after_fork gives it a view.
+        self._memfd, self._kind = (memfd if kind == _SHARED else None), kind
+        if kind == _SHARED:
             _shared_buffers.add(weakref.ref(self, _shared_buffers.discard))
+        flags = (mmap.MAP_SHARED if kind == _SHARED else mmap.MAP_PRIVATE) | _MAP_FIXED
+        _c_step(mapped, _call(_mmap_fn, address, len(self), _RW, flags, memfd.fileno(), 0))
+        if mapped[0] != address:
+            self._memfd, self._kind = before
+            raise OSError(ctypes.get_errno(), f"mmap of the memfd failed: {os.strerror(ctypes.get_errno())}")
+        if kind == _SHARED:  # a fork's child does not get it at all
+            self.madvise(_MADV_DONTFORK)
 
     @property
     def address(self) -> int:
@@ -266,7 +294,7 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     size = property(len, doc="The mapped size in bytes: the requested size rounded up.")
     huge = property(lambda self: self._huge, doc="Whether the memory got huge pages.")
-    memfd = property(lambda self: self._kind != "private",
+    memfd = property(lambda self: self._kind != _PRIVATE,
                      doc="Whether the pages live in a memfd (``memfd=True``, or from ``takeover``).")
 
     def resize(self, newsize: int) -> None:
@@ -274,7 +302,21 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         raise TypeError("a PageBuffer cannot be resized: its address would change")
 
     def move(self, dest: int, src: int, count: int) -> None:
-        """Refused (``TypeError``): to receive from a pipe, call ``vmsplicemove.move(fd, buf)``."""
+        """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any range of a
+    ``PageBuffer`` or of a writable, contiguous bytes-like object; ``length=None``: to the end).
+
+    ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``), ``readv`` where it is refused,
+    until ``length`` bytes came or every writer closed the pipe.  A page-aligned range of a
+    ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
+    bytes received: ``length``, or fewer at end of file (0: nothing left), from a non-blocking pipe
+    that ran dry, or when an error followed some progress.  Exceptions carry ``transferred`` as gift's.
+
+    Raises:
+        TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
+        ValueError: a closed buffer, a bad range or flags, a write end.
+        BlockingIOError: a non-blocking pipe is empty before any byte.
+        OSError: EBADF: ``fd`` is not a pipe, or not open.
+    """
         raise TypeError("PageBuffer.move is mmap's memmove: write buf[a:b] = buf[c:d] instead; "
                         "to receive from a pipe, call vmsplicemove.move(fd, buf)")
 
@@ -294,12 +336,12 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
         zeros, its memory goes back to the system; a pipe keeps what it holds.  ``ValueError`` for a
         bad range or a closed buffer, ``OSError`` if the kernel refuses (locked, before Linux 5.18)."""
-        start, stop = _page_range(self, offset, length, aligned=True)
+        start, stop = _page_range(_open_size(self), offset, length, aligned=True)
         if stop == start:
             return
-        if self._kind == "memfd":
+        if self._kind == _SHARED:
             self.madvise(_MADV_REMOVE, start, stop - start)
-        elif self._kind == "view":  # the memfd is not ours to change: map fresh zero pages over it
+        elif self._kind == _VIEW:  # the memfd is not ours to change: map fresh zero pages over it
             pin = _Pin.from_buffer(self)  # the range cannot be unmapped meanwhile
             _zero_pages(ctypes.addressof(pin) + start, stop - start)
         else:
@@ -311,16 +353,13 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
 
 def _after_fork() -> None:
-    """In a forked child: every shared buffer becomes a private copy-on-write view of its memfd at the
-    same address, which does not block the parent's seals.  The range is the buffer's own: absent here
-    (MADV_DONTFORK), or inherited shared if the caller undid that (MADV_DOFORK): MAP_FIXED replaces it."""
+    """In a forked child: each shared buffer becomes a private copy-on-write view of its memfd, which
+    does not stop the parent's seals; MAP_FIXED replaces what is there (nothing after MADV_DONTFORK)."""
     for ref in list(_shared_buffers):
         buf = ref()
-        if buf is None or buf.closed:
-            continue
-        address, size = ctypes.addressof(_Pin.from_buffer(buf)), len(buf)
-        _mmap_fn(address, size, _RW, mmap.MAP_PRIVATE | _MAP_FIXED, buf._memfd.fileno(), 0)
-        buf._kind, buf._memfd = "view", None  # a view needs no descriptor
+        if buf is not None and not buf.closed and buf._kind == _SHARED:
+            with contextlib.suppress(OSError):  # no memory for the page tables: it stays as it came
+                buf._adopt(buf._memfd, _VIEW)
     _shared_buffers.clear()
 
 
@@ -352,8 +391,8 @@ def _new_memfd(size: int) -> Any:
     """A new sealable memfd of ``size`` bytes, in its owner (see "Who owns what")."""
     owner: list = []
     try:
-        owner.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove",),
-                                      (os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,))))  # one C step
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        _c_step(owner, map(_own_fd, _call(os.memfd_create, "vmsplicemove", flags)))
     except (OSError, AttributeError, TypeError) as exc:  # AttributeError, TypeError: not Linux
         err = getattr(exc, "errno", None) or errno.ENOSYS
         why = (f"{_NO_FD[err]}: close some, or raise the limit" if err in _NO_FD else "not Linux"
@@ -365,17 +404,19 @@ def _new_memfd(size: int) -> Any:
 
 
 def _zero_pages(address: int, length: int) -> None:
-    """Replace the pages at ``address`` with fresh private zero pages."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED  # replace, atomically
-    if _mmap_fn(address, length, _RW, flags, -1, 0) != address:
+    """Replace the pages at ``address`` with fresh private zero pages (MAP_FIXED: atomically)."""
+    if _mmap_fn(address, length, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0) != address:
         raise OSError(ctypes.get_errno(), "mmap over the discarded range failed")
 
 
-def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
-    """Check a byte range of ``buf`` (a PageBuffer, or a size in bytes); return ``(start, stop)``."""
-    if type(buf) is not int and buf.closed:
+def _open_size(buf: PageBuffer) -> int:
+    if buf.closed:
         raise ValueError("the PageBuffer is closed")
-    size = buf if type(buf) is int else len(buf)
+    return len(buf)
+
+
+def _page_range(size: int, offset: int, length: int | None, aligned: bool) -> tuple[int, int]:
+    """Check the byte range ``[offset, offset + length)`` of ``size`` bytes; return ``(start, stop)``."""
     if type(offset) is not int or (length is not None and type(length) is not int):  # the common case first
         _check_int("offset", offset)
         _check_int("length", 0 if length is None else length)
@@ -392,8 +433,6 @@ def _page_range(buf: Any, offset: int, length: int | None, aligned: bool) -> tup
 
 
 # --- The raw call ----------------------------------------------------------------------------------
-
-
 def _check_flags(flags: int, allowed: int, where: str) -> None:
     if _check_int("flags", flags) & ~allowed:
         raise ValueError(f"{where} does not accept flags {flags:#x}; allowed bits: {allowed:#x}")
@@ -427,24 +466,21 @@ def _fd_error(err: int, fd: int, call: str) -> OSError:
     return OSError(err, f"{call} on descriptor {fd}: {os.strerror(err)}")
 
 
-def _pipe_access(fd: int, call: str, want: int, fifo: bool = False) -> None:
+def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> None:
     """Check that ``fd`` is open for ``want`` (os.O_RDONLY or O_WRONLY).  Whether it is a pipe,
-    vmsplice tells (EBADF); the copy fallback's writev/readv would not, so it asks (``fifo``)."""
+    vmsplice tells (EBADF); the copy fallback's writev/readv would not, so it asks (``check_pipe``)."""
     try:
         access = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
         raise _fd_error(errno.EBADF, fd, call) from None
     right_end = access == want or (access == os.O_RDWR and want == os.O_WRONLY)  # as vmsplice sees it
-    if right_end and not fifo:
-        return
-    what = _describe_fd(fd)
-    if not what.startswith("a pipe"):
+    what = "" if right_end and not check_pipe else _describe_fd(fd)
+    if what and not what.startswith("a pipe"):
         raise _fd_error(errno.EBADF, fd, call)
-    if right_end:
-        return
-    end = "write" if want == os.O_WRONLY else "read"
-    raise ValueError(f"{call} needs the {end} end of a pipe; descriptor {fd} is {what}"
-                     + (", so vmsplice would send the buffer" if want == os.O_RDONLY else ""))
+    if not right_end:
+        raise ValueError(f"{call} needs the {'write' if want == os.O_WRONLY else 'read'} end of a pipe; "
+                         f"descriptor {fd} is {what}" + (", so vmsplice would send the buffer"
+                                                          if want == os.O_RDONLY else ""))
 
 
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
@@ -487,31 +523,25 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
             n = _vmsplice_fn(fd, iov or None, len(views), flags)
             if n >= 0:
                 return n
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise _fd_error(err, fd, "vmsplice")
+            if ctypes.get_errno() != errno.EINTR:
+                raise _fd_error(ctypes.get_errno(), fd, "vmsplice")
     finally:
-        _run(map(memoryview.release, views))
+        _c_step([], map(memoryview.release, views))  # every view released, or none
 
 
 # --- Gift and move: the protocol of the RFC ----------------------------------------------------------
-# Signals.  CPython runs a Python signal handler in the main thread between bytecodes, whichever thread
-# got the signal, so blocking signals cannot stop it.  Raising between a vmsplice and its discard would
-# leave gifted pages mapped and writable; between a call and its counting, it would lose the count.  So
-# each step is one chain of C iterators run by one C call: the system call, its result stored
-# (dict.setdefault passes it on) and, for a gift, the madvise of what it queued.  The count is one
-# tuple, replaced in one store, and the exception handlers read it calling nothing: from CPython 3.11
-# the interpreter checks for signals only at calls and backward jumps.  3.9 and 3.10 check at most
-# bytecodes, so a second raising handler can replace the exception before the count is attached (the
-# pages are dropped all the same).  Waits happen between steps; no signal is blocked.
+# Each call is a loop of C steps (see "The C step").  A gift's step: the system call, its count stored,
+# then the madvise that drops the whole pages it queued; a move's: the call and its count.  The count
+# so far is one record, ``progress[0] = (bytes before this step, the list this step stores into)``,
+# replaced whole by one store after each step: at any point an exception handler finds the bytes
+# moved exact, those before the step plus the step's own count once it is stored.
 
 # Cleared for the process the first time vmsplice answers ENOSYS or EPERM (gVisor, seccomp): gift and
 # move copy from then on.
 _use_vmsplice = _vmsplice_fn is not None
-_REFUSED = (errno.ENOSYS, errno.EPERM)
-_ZERO, _ONE = (0,), (1,)
-_WHOLE_PAGES = (~_PAGE_MASK,)
-_mend: bool | None = None  # whether _gift_steps re-drops a huge page: None until _refill_is_huge() saw
+_SANDBOX_ERRNOS = (errno.ENOSYS, errno.EPERM)
+_is_positive = (0).__lt__
+_whole_pages = functools.partial(operator.and_, ~_PAGE_MASK)  # a count rounded down to whole pages
 
 with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _page:
     try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
@@ -539,9 +569,10 @@ def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> boo
 
 
 def _is_locked(buf: PageBuffer) -> bool:
-    """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps)."""
+    """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps).  False where smaps cannot be
+    read (no /proc): the drop then fails on a locked page, and _gift_loop replaces it with a zero page."""
     start, stop, inside = buf.address, buf.address + len(buf), False
-    with open("/proc/self/smaps") as f:
+    with contextlib.suppress(OSError), open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(" ", 1)[0]
             if "-" in head and not head.endswith(":"):  # a mapping's "low-high perms ..." line
@@ -553,17 +584,16 @@ def _is_locked(buf: PageBuffer) -> bool:
 
 
 def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
-    """Give the pages ``buf[offset:offset+length]`` (a ``PageBuffer``, not memfd; multiples of
-    ``PAGE_SIZE``, ``length=None``: to the end) to the pipe write end ``fd``.
+    """Give the pages ``buf[offset:offset+length]`` of a private ``PageBuffer`` (multiples of
+    ``PAGE_SIZE``; ``length=None``: to the end) to the pipe write end ``fd``.
 
-    Calls ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and
-    ``SPLICE_F_MORE`` from ``flags``) until every byte is queued or a non-blocking pipe is full, and
-    drops each page queued in the same step (see "Signals"), locked memory included: it reads as
-    zeros, and writing to it never changes what the reader receives.  Where ``vmsplice`` is refused it
-    copies with ``writev``, then drops.  Returns the bytes gifted, whole pages: short only on a full
-    non-blocking pipe, or when an error followed some progress (it comes on the next call).  Any
-    exception carries the bytes gifted in ``transferred`` (missing only if a signal handler raised
-    before anything was sent).
+    ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and ``SPLICE_F_MORE``
+    from ``flags``) until every byte is queued or a non-blocking pipe is full; each page queued is
+    dropped in the same C step, locked memory included: it reads as zeros, and writing to it never
+    changes what the reader receives.  Where ``vmsplice`` is refused: ``writev``, then the drop.
+    Returns the bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
+    followed some progress (it comes next call).  Any exception carries them in ``transferred``
+    (missing only if a signal handler raised before anything was sent).
 
     Raises:
         TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
@@ -574,118 +604,82 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
                         f"{type(buf).__name__}: pages of other objects cannot be dropped safely")
-    start, stop = _page_range(buf, offset, length, True)
+    start, stop = _page_range(_open_size(buf), offset, length, aligned=True)
     _check_flags(flags, _SPLICE_F_ALL, "gift")
-    if buf._kind != "private":
+    if buf._kind != _PRIVATE:
         raise ValueError("gift cannot drop the pages of a memfd PageBuffer from the pipe's view "
                          "(they are shared): send them with handoff(), or gift a PageBuffer(size)")
-    _pipe_access(fd, "gift", os.O_WRONLY, fifo=not _use_vmsplice)
+    _pipe_access(fd, "gift", os.O_WRONLY, check_pipe=not _use_vmsplice)
     if start == stop:
         return 0
     if not _dontneed_locked and _is_locked(buf):
         raise OSError(errno.EINVAL, "gift: the buffer is locked in memory (mlock, mlockall) and this "
                                     "kernel cannot drop locked pages (MADV_DONTNEED_LOCKED needs "
                                     "Linux 5.18): unlock it, or copy with os.write")
-    return _counted(_gift_steps, fd, buf, start, stop - start, flags)
+    return _transfer(_gift_loop, fd, buf, start, stop - start, flags)
 
 
-def _counted(steps: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
-    """Run gift's or move's loop on ``buf[start:start+length]``, ``buf`` exported meanwhile (it
-    cannot be closed); any exception leaving carries the bytes moved in ``transferred`` (see "Signals")."""
-    tally: list = [(0, {})]  # (bytes so far, the running step's result once stored), replaced whole
+def _transfer(loop: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
+    """Run gift's or move's ``loop`` over ``buf[start:start+length]``, ``buf`` exported meanwhile (it
+    cannot be closed); an exception leaving carries the bytes moved in ``transferred``."""
+    progress: list = [(0, [])]  # (bytes before this step, this step's list): see above
     try:
-        try:
-            pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
-            address = ctypes.addressof(pin)
-            return steps(fd, address + start, length, flags, tally)
-        except BaseException as exc:
-            done, pending = tally[0]
-            exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
-            pin = None  # releases the buffer: the traceback keeps this frame
-            raise
-    except BaseException as exc:  # 3.9 and 3.10 may run a second raising handler in the first
-        done, pending = tally[0]
-        exc.transferred = done + (pending[0] if pending and pending[0] > 0 else 0)  # type: ignore
-        pin = None
+        pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
+        return loop(fd, ctypes.addressof(pin) + start, length, flags, progress)
+    except BaseException as exc:  # calls nothing (see "The C step"): only loads and stores
+        done, step = progress[0]
+        exc.transferred = done + (step[0] if step and step[0] > 0 else 0)  # type: ignore[attr-defined]
+        pin = None  # releases the buffer: the traceback keeps this frame
         raise
 
 
-def _gift_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
-    """gift's loop: queue ``length`` bytes at ``address`` step by step."""
+def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -> int:
+    """gift's loop: queue ``length`` bytes at ``address``, one C step at a time."""
     vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_GIFT | SPLICE_F_MOVE
     advice = _MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED
-    mend, huge = _mend, _HUGE_PAGE_SIZE
+    huge = _HUGE_PAGE_SIZE
     out = fd if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
     try:
-        while tally[0][0] < length:
-            done, pending = tally[0]
+        while progress[0][0] < length:
+            done, step = progress[0]
             at = address + done
             iov = _pack_iovec(at, length - done)
-            if vmsplicing:
-                call = map(_vmsplice_fn, (fd,), (iov,), _ONE, (flags,))
-            else:  # whole pages: pipe_write() takes a page per slot, so a count is whole pages
-                call = map(_writev_fn, (out,), (iov,), _ONE)
-            # One step in C (see "Signals"): the call, its count stored, the whole pages it queued
-            # dropped (after a failure, -1, madvise gets a length that wraps: EINVAL). any() runs it
-            # and tells whether madvise failed.
-            refused = any(map(_madvise_fn, (at,), map(operator.and_, map(
-                pending.setdefault, _ZERO, call), _WHOLE_PAGES), (advice,)))
-            n = pending[0]
-            tally[0] = (done + (n if n > 0 else 0), {})  # one store: counted once, whatever interrupts
+            # writev's count is whole pages too: pipe_write() fills a page per slot
+            queue = _call(_vmsplice_fn, fd, iov, 1, flags) if vmsplicing else _call(_writev_fn, out, iov, 1)
+            counted, queued = itertools.tee(queue)  # the count: stored, and what the drop drops
+            drop = map(_madvise_fn, (at,), map(_whole_pages, filter(_is_positive, queued)), (advice,))
+            _c_step(step, itertools.chain(counted, drop))  # step: [count] or [count, madvise's answer]
+            n = step[0]
+            progress[0] = (done + max(n, 0), [])  # one store: counted once, whatever interrupts
             if n >= 0:
-                if refused and n:  # mlock() after our check, say: replace the pages instead
-                    _zero_pages(at, n & ~_PAGE_MASK)
-                # This step emptied the last of a huge page that an earlier step of this call began
-                # (its first drop split it): drop it whole once more, so the refill is one huge-page
-                # fault (see _refill_is_huge).  Only pages already dropped: skipped, it costs speed.
+                if step[1:] == [-1]:  # not dropped (mlock() after our check, say): replace the pages
+                    _zero_pages(at, _whole_pages(n))
+                # This step emptied the last of a huge page that an earlier step of this call began (its
+                # first drop split it): drop it whole once more, pages already dropped only, so that
+                # where the kernel then frees the empty page table (CONFIG_PT_RECLAIM, seen on 6.18)
+                # the refill takes one huge-page fault, not 512.  Elsewhere it costs one madvise.
                 whole = at & -huge
-                if address <= whole < at and at + n >= whole + huge and mend is not False:
-                    if mend is None:
-                        mend = _refill_is_huge(advice)
-                    if mend:
-                        _madvise_fn(whole, huge, advice)
+                if address <= whole < at and at + n >= whole + huge:
+                    _madvise_fn(whole, huge, advice)
                 continue
             err = ctypes.get_errno()
-            if vmsplicing and err in _REFUSED:
+            if vmsplicing and err in _SANDBOX_ERRNOS:
                 vmsplicing, out = False, _copy_from_now_on(fd, "gift", os.O_WRONLY, nonblock)
-            elif not _after_error(err, fd, "gift", tally[0][0], nonblock):
+            elif not _after_error(err, fd, "gift", progress[0][0], nonblock):
                 break
-        return tally[0][0]
+        return progress[0][0]
     finally:
         if out != fd:
             os.close(out)
-
-
-def _refill_is_huge(advice: int) -> bool:
-    """Whether a huge page dropped in pieces (the first split it) refills with one fault, not 512, after
-    one more drop of the whole empty huge page: where the kernel then frees the empty page table
-    (CONFIG_PT_RECLAIM, seen on 6.18).  Observed once, counting this thread's faults."""
-    global _mend
-    faults, hp = [0, 0], _HUGE_PAGE_SIZE
-    try:
-        import resource  # here only: a small C module
-        with PageBuffer(2 * hp, huge=True) as test:
-            at = -(-test.address // hp) * hp
-            ctypes.memset(at, 1, hp)
-            for i in (1, 0):  # with the re-drop, then without
-                for drop in ((at, hp // 2), (at + hp // 2, hp // 2), (at, hp))[:2 + i]:  # as gift does
-                    _madvise_fn(*drop, advice)
-                before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-                ctypes.memset(at, 1, hp)
-                faults[i] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-    except (ImportError, AttributeError, OSError):  # no RUSAGE_THREAD (not Linux), no memory
-        faults = [0, 0]
-    _mend = faults[0] > 8 * (faults[1] + 1)  # 512 without, 1 with, where it works
-    return _mend
 
 
 def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
     """vmsplice was refused (ENOSYS, EPERM): copy from now on, here and process-wide; the fd to copy by."""
     global _use_vmsplice
     _use_vmsplice = False
-    _pipe_access(fd, call, access, fifo=True)
+    _pipe_access(fd, call, access, check_pipe=True)
     return _fallback_end(fd, access, nonblock)
 
 
@@ -720,10 +714,10 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags
         OSError: EBADF: ``fd`` is not a pipe, or not open.
     """
     _check_flags(flags, _MOVE_FLAGS, "move")
-    size = buf if isinstance(buf, PageBuffer) else _writable_size(buf)  # a PageBuffer: checked open
-    start, stop = _page_range(size, offset, length, False)
-    _pipe_access(fd, "move", os.O_RDONLY, fifo=not _use_vmsplice)
-    return _counted(_move_steps, fd, buf, start, stop - start, flags)
+    size = _open_size(buf) if isinstance(buf, PageBuffer) else _writable_size(buf)
+    start, stop = _page_range(size, offset, length, aligned=False)
+    _pipe_access(fd, "move", os.O_RDONLY, check_pipe=not _use_vmsplice)
+    return _transfer(_move_loop, fd, buf, start, stop - start, flags)
 
 
 def _writable_size(buf: Any) -> int:
@@ -739,33 +733,30 @@ def _writable_size(buf: Any) -> int:
         return view.nbytes
 
 
-def _move_steps(fd: int, address: int, length: int, flags: int, tally: list) -> int:
-    """move's loop: receive up to ``length`` bytes at ``address`` step by step."""
+def _move_loop(fd: int, address: int, length: int, flags: int, progress: list) -> int:
+    """move's loop: receive up to ``length`` bytes at ``address``, one C step at a time."""
     vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_MOVE
     source = fd if vmsplicing else _fallback_end(fd, os.O_RDONLY, nonblock)
     try:
-        while tally[0][0] < length:
-            done, pending = tally[0]
+        while progress[0][0] < length:
+            done, step = progress[0]
             iov = _pack_iovec(address + done, length - done)
-            if vmsplicing:
-                call = map(_vmsplice_fn, (fd,), (iov,), _ONE, (flags,))
-            else:
-                call = map(_readv_fn, (source,), (iov,), _ONE)
-            _run(map(pending.setdefault, _ZERO, call))  # one step in C: the call, its count stored
-            n = pending[0]
-            tally[0] = (done + (n if n > 0 else 0), {})  # one store: counted once, whatever interrupts
+            _c_step(step, _call(_vmsplice_fn, fd, iov, 1, flags) if vmsplicing else
+                    _call(_readv_fn, source, iov, 1))  # step: [count]
+            n = step[0]
+            progress[0] = (done + max(n, 0), [])  # one store: counted once, whatever interrupts
             if n == 0:
                 break  # end of file: no writer left (or none yet, for a FIFO), nothing queued
             if n > 0:
                 continue
             err = ctypes.get_errno()
-            if vmsplicing and err in _REFUSED:
+            if vmsplicing and err in _SANDBOX_ERRNOS:
                 vmsplicing, source = False, _copy_from_now_on(fd, "move", os.O_RDONLY, nonblock)
-            elif not _after_error(err, fd, "move", tally[0][0], nonblock):
+            elif not _after_error(err, fd, "move", progress[0][0], nonblock):
                 break
-        return tally[0][0]
+        return progress[0][0]
     finally:
         if source != fd:
             os.close(source)
@@ -814,7 +805,6 @@ def pipe(size: int | None = None) -> tuple[int, int]:
 _HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
 _HANDOFF_MAGIC = b"pagemove"
 _SIZE_SEALS = _F_SEAL_SHRINK | _F_SEAL_GROW  # every handoff: the size never changes
-_F_SEAL_FUTURE_WRITE = 16
 _MAX_FDS = 253  # SCM_MAX_FD: room for every descriptor a hostile sender can attach
 _SO_PASSPIDFD, _SCM_PIDFD = 76, 4  # Linux 6.5: the sender's pidfd, in a control message of its own
 _FD_MESSAGES = {(socket.SOL_SOCKET, socket.SCM_RIGHTS), (socket.SOL_SOCKET, _SCM_PIDFD)}
@@ -825,11 +815,13 @@ _ancdata, _payload = operator.itemgetter(1), operator.itemgetter(2)
 _level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.partial(array.array, "i")
 
 
-def _unix_socket(sock: Any, call: str) -> socket.socket:
-    """``sock`` checked to be a connected AF_UNIX stream or seqpacket socket; for a descriptor, our own
-    duplicate (nothing here closes the caller's), which the caller closes (freed if a handler raises)."""
+def _unix_socket(sock: Any, call: str) -> Any:
+    """A context manager for ``sock`` checked to be a connected AF_UNIX stream or seqpacket socket:
+    the socket itself, left open, or for a descriptor a socket of our own on a duplicate (nothing here
+    closes the caller's), closed on leaving.  No generator: a generator left suspended by a raising
+    signal handler would run its cleanup in the garbage collector, where a handler may raise again."""
     if isinstance(sock, socket.socket):
-        obj = sock
+        obj, manager = sock, contextlib.nullcontext(sock)  # type: Any, Any
     elif isinstance(sock, int) and not isinstance(sock, bool):
         try:
             is_socket = stat.S_ISSOCK(os.fstat(sock).st_mode)
@@ -838,12 +830,13 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
         if not is_socket:
             raise ValueError(f"{call}: descriptor {sock} is {_describe_fd(sock)}, not a Unix socket")
         owned: list = []
-        try:
-            owned.extend(map(socket.socket, (-1,), (-1,), (-1,), map(os.dup, (sock,))))  # one C step
+        try:  # socket.SocketType, the C type: socket.socket's __init__ is Python, so not born owned
+            _c_step(owned, map(socket.SocketType, (-1,), (-1,), (-1,), _call(os.dup, sock)))
         except OSError as exc:
             raise OSError(exc.errno, f"{call}: cannot duplicate descriptor {sock} ({exc.strerror}): close "
                                      f"some descriptors, or pass the socket object") from None
         obj = owned[0]
+        manager = contextlib.closing(obj)
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
     problem = ("closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket" if obj.family != socket.AF_UNIX
@@ -855,25 +848,23 @@ def _unix_socket(sock: Any, call: str) -> socket.socket:
         except OSError:
             problem = "not connected"
     if problem:
-        if obj is not sock:
-            obj.close()
-        raise ValueError(f"{call}: the socket is {problem}")
-    return obj
+        with manager:
+            raise ValueError(f"{call}: the socket is {problem}")
+    return manager
 
 
 def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
     """Hand the pages of ``buf`` to the process at the other end of ``sock``: nothing is copied.
 
     ``sock``: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor; ``buf``: a
-    ``PageBuffer(size, memfd=True)``, or one that ``takeover(..., shared=True)`` returned.  Unmaps
-    ``buf`` (closed afterwards), seals its memfd and sends one message, ``struct.pack("=8sQ",
-    b"pagemove", size)`` with the descriptor in ``SCM_RIGHTS``; returns ``len(buf)``, and this process
-    then holds neither a mapping nor a descriptor of the pages.  The receiver calls ``takeover``;
-    several handoffs on one socket arrive in order, one ``takeover`` each.  ``shared=False``: sealed
-    against shrinking, growing, writing and further sealing: the kernel guarantees the receiver that the
-    pages never change.  ``shared=True``: against shrinking and growing only, the pages stay writable:
-    for a receiver that trusts this process (the next version of the same program), which takes it with
-    ``takeover(sock, shared=True)`` and can hand it on again with no copy.
+    ``PageBuffer(size, memfd=True)``, or one from ``takeover(..., shared=True)``.  Unmaps ``buf``
+    (closed afterwards), seals its memfd and sends ``struct.pack("=8sQ", b"pagemove", size)`` with the
+    descriptor in ``SCM_RIGHTS``; returns ``len(buf)``, this process then holding neither a mapping nor
+    a descriptor of the pages.  Each ``takeover`` receives one handoff, in order.  ``shared=False``:
+    sealed against shrinking, growing, writing and more seals, so the kernel guarantees the receiver
+    that the pages never change.  ``shared=True``: against shrinking and growing only, for a receiver
+    that trusts this process (its next version), which takes them with ``takeover(sock, shared=True)``
+    and can hand them on again with no copy.
 
     Raises:
         TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket; ``shared`` no bool.
@@ -881,46 +872,43 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
             connected Unix socket.  BufferError: ``buf`` is exported.  These leave ``buf`` as it was.
         OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (another writable shared mapping
             stops the seal).  Every exception, a signal handler's included, carries ``transferred``
-            (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go
-            and ``buf`` was already closed (a view; with ``shared``, writable shared memory), else None.
-            Missing (CPython 3.9/3.10: a handler between the ``try`` and the ``return``): ``buf``
-            closed means the pages went, open that nothing happened.
+            (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go and
+            ``buf`` was already closed, else None.  Missing (CPython 3.9/3.10: a handler between the
+            ``try`` and the ``return``): ``buf`` closed means the pages went, open that nothing happened.
     """
-    if not isinstance(buf, PageBuffer) or buf._kind == "private":
+    if not isinstance(buf, PageBuffer) or buf._kind == _PRIVATE:
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
                         f"{'a private PageBuffer' if isinstance(buf, PageBuffer) else type(buf).__name__}")
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
     if buf.closed:
         raise ValueError("the PageBuffer is closed")
-    if buf._kind == "view":
+    if buf._kind == _VIEW:
         raise ValueError("handoff: these pages are a private copy-on-write view of a memfd (from a "
                          "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
                          "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
-    size, memfd, rescue, obj = len(buf), buf._memfd, None, None
-    sent: list = []  # sendmsg's answer, stored from C
+    size, memfd, rescue = len(buf), buf._memfd, None
+    sent: list = []  # sendmsg's answer, stored by the C step that sends: "was it sent?" has an answer
     try:
-        obj = _unix_socket(sock, "handoff")
-        rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
-        rescue._adopt(memfd, "memfd" if shared else "view")
-        try:
-            mmap.mmap.close(buf)
-        except BufferError:
-            raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
-                              "it (view.release(), or leave its with block) first") from None
-        buf._memfd = None
-        _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
-        header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
-        sent.extend(map(obj.sendmsg, ([header],), ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],),
-                        (socket.MSG_NOSIGNAL,)))  # stored from C: "was it sent?" has an answer
-        if obj is not sock:
-            obj.close()
-        rescue.close()
-        return size
-    except BaseException as exc:  # calls nothing (see "Signals"): only stores
+        with _unix_socket(sock, "handoff") as obj:
+            rescue = PageBuffer._placeholder(size)  # the way back: a view does not stop F_SEAL_WRITE
+            rescue._adopt(memfd, _SHARED if shared else _VIEW)
+            try:
+                mmap.mmap.close(buf)
+            except BufferError:
+                raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
+                                  "it (view.release(), or leave its with block) first") from None
+            buf._memfd = None
+            _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
+            header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
+            _c_step(sent, _call(obj.sendmsg, [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+                                socket.MSG_NOSIGNAL))
+            rescue.close()
+            return size
+    except BaseException as exc:  # calls nothing (see "The C step"): only stores
         exc.transferred = size if sent else 0  # type: ignore[attr-defined]
         exc.buffer = rescue if buf.closed and not sent else None  # type: ignore[attr-defined]
-        rescue = memfd = obj = None  # sent, or never unmapped: the pages are not ours to keep
+        rescue = memfd = None  # sent, or never unmapped: the pages are not ours to keep
         raise
 
 
@@ -938,60 +926,54 @@ def _seal(fd: int, seals: int) -> None:
 
 
 def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
-    """Receive one ``handoff`` from ``sock``; return its pages as a ``PageBuffer``: the sender's very
-    frames, ``.memfd`` true, of the announced size.
+    """Receive one ``handoff`` from ``sock``; return its pages, the sender's very frames, as a
+    ``PageBuffer`` of the announced size (``.memfd`` true).
 
     A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the frames,
-    writing a page copies that page only, and it cannot be handed off again.  With ``shared``, a memfd
-    sealed only against shrinking and growing (a shared handoff) is mapped shared and writable: writes
-    land in the memfd itself, and ``handoff`` can pass it on again with no copy.  Checked before anything
-    is mapped: exactly one descriptor, a memfd (the kernel says so, no ``/proc`` needed), sealed at least
-    against shrinking, growing and (unless ``shared``) writing, of the announced size; whatever else
-    arrives, in any control message, is closed.  The message leaves the socket only once its pages are
-    mapped: interrupted before, it is still there.
+    writing a page copies that page, and it cannot be handed off again.  With ``shared``, a memfd sealed
+    only against shrinking and growing is mapped shared: writes land in the memfd, and ``handoff`` can
+    pass it on with no copy.  Checked before anything is mapped: one descriptor, a memfd (the kernel
+    says so: no ``/proc`` needed) of the announced size, sealed against shrinking, growing and (unless
+    ``shared``) writing; whatever else arrives is closed.  The message leaves the socket only once
+    its pages are mapped: interrupted before, it is still there.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
         PermissionError: a seal is missing: the sender could still change or truncate the pages.
         ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
             ``sock`` is not a connected Unix socket.  TypeError: ``sock`` is neither a socket nor an
-            int; ``shared`` is no bool.  OSError: EMFILE: no descriptor free to receive into (the
-            handoff stays on the socket), ENOMEM: the size cannot be mapped (it stays too).  Any
-            exception after the message left the socket (a signal handler's) carries its pages in
-            ``buffer``; any other, ``buffer`` None (on CPython 3.9/3.10 a handler between the ``try``
-            and the ``return`` raises without it, and the handoff is lost: README, Limits).
+            int; ``shared`` is no bool.  OSError: EMFILE (no descriptor free to receive into) or
+            ENOMEM (the size cannot be mapped): the handoff stays on the socket.  An exception after the
+            message left the socket (a signal handler's) carries its pages in ``buffer``, any other
+            None (on CPython 3.9/3.10 one between the ``try`` and the ``return`` does not: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
-    # What this call has made, for its exception handler: see _take.
-    state: dict = {"taken": [], "mapped": [], "address": 0, "pages": None, "memfd": None, "kind": "view"}
+    state: dict = {"taken": [], "mapped": [], "pages": None, "address": 0}  # what this call made: see _take
     try:
-        obj = _unix_socket(sock, "takeover")
-        _reserve_descriptors(obj)
-        while not state["taken"]:
-            _take(obj, shared, state)
-        if obj is not sock:
-            obj.close()
-        return state["pages"]
-    except BaseException as exc:  # calls nothing (see "Signals"): only stores
-        pages = state["pages"] if state["taken"] and state["mapped"] == [state["address"]] else None
-        if pages is not None:  # taken off the socket: the pages go with the exception
-            pages._memfd, pages._kind = (state["memfd"] if state["kind"] == "memfd" else None), state["kind"]
-        exc.buffer = pages  # type: ignore[attr-defined]
-        state = pages = obj = None  # type: ignore[assignment]  # closes whatever came, in C
+        with _unix_socket(sock, "takeover") as obj:
+            _reserve_descriptors(obj)
+            while not state["taken"]:
+                _take(obj, shared, state)
+            return state["pages"]
+    except BaseException as exc:  # calls nothing (see "The C step"): only stores
+        pages = state["pages"]  # taken off the socket and mapped: the pages go with the exception
+        exc.buffer = pages if state["taken"] and state["mapped"] == [state["address"]] else None  # type: ignore
+        state = pages = None  # type: ignore[assignment]  # closes whatever came, in C
         raise
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     """Peek at the next message (a peek gets duplicates of its descriptors), check it, map its memfd, then
-    take it off the socket in one C step: before that the handoff is on the socket, after it in ``state``."""
+    take it off the socket in one C step: before that the handoff is on the socket, after it in ``state``:
+    ``taken`` (recvmsg's answer, the owners of what came), ``pages`` at ``address``, ``mapped`` (mmap's)."""
     peeked: list = []
     _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
     try:
         checked = _check_handoff(peeked, shared)
     except (ValueError, PermissionError, EOFError):
         with contextlib.suppress(BlockingIOError):  # (another thread took it)
-            _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # a refused message leaves, closed
+            _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # a rejected message leaves, closed
         raise
     try:
         _map_into(state, *checked)
@@ -1011,19 +993,11 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
 
 
 def _map_into(state: dict, memfd: Any, kind: str, size: int) -> None:
-    """Map ``memfd`` over fresh memory of ``size`` bytes (mmap's answer stored from C), in ``state``."""
-    mapped = state["mapped"] = []  # first: the pages of an earlier look are not these
-    state["memfd"], state["kind"] = memfd, kind
+    """Map ``memfd`` as ``kind`` over fresh memory of ``size`` bytes: ``state``'s pages and mmap's answer."""
+    state["mapped"] = []  # first: the pages of an earlier look are not these
     pages = state["pages"] = PageBuffer._placeholder(size)
-    address = state["address"] = pages.address
-    flags = (mmap.MAP_SHARED if kind == "memfd" else mmap.MAP_PRIVATE) | _MAP_FIXED
-    mapped.extend(map(_mmap_fn, (address,), (size,), (_RW,), (flags,), (memfd.fileno(),), (0,)))
-    if mapped[0] != address:
-        raise OSError(ctypes.get_errno(), f"takeover: mmap failed: {os.strerror(ctypes.get_errno())}")
-    pages._memfd, pages._kind = (memfd if kind == "memfd" else None), kind
-    if kind == "memfd":  # as in PageBuffer._adopt
-        pages.madvise(_MADV_DONTFORK)
-        _shared_buffers.add(weakref.ref(pages, _shared_buffers.discard))
+    state["address"] = pages.address
+    pages._adopt(memfd, kind, state["mapped"])
 
 
 def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
@@ -1052,9 +1026,9 @@ def _reserve_descriptors(obj: socket.socket) -> None:
     try:
         if not _memfd_device:
             with contextlib.suppress(OSError):  # refused here (seccomp): the seals alone must tell
-                spare.extend(map(_own_fd, map(os.memfd_create, ("vmsplicemove",), (os.MFD_CLOEXEC,))))
+                _c_step(spare, map(_own_fd, _call(os.memfd_create, "vmsplicemove", os.MFD_CLOEXEC)))
                 _memfd_device.append(os.fstat(spare[0].fileno()).st_dev)
-        spare.extend(map(_own_fd, map(os.dup, (obj.fileno(),) * (count - len(spare)))))  # one C step
+        _c_step(spare, map(_own_fd, map(os.dup, (obj.fileno(),) * (count - len(spare)))))
     except OSError as exc:
         raise OSError(exc.errno, f"takeover: no free file descriptor to receive the memfd into "
                                  f"({errno.errorcode.get(exc.errno or 0, exc.errno)}): close some, or raise "
@@ -1065,15 +1039,14 @@ def _reserve_descriptors(obj: socket.socket) -> None:
 def _receive(obj: socket.socket, flags: int, into: list) -> None:
     """One C step: ``recvmsg`` of a handoff (one byte more: a longer message shows; a read stops after
     a message with descriptors), its answer stored in ``into``, then an owner for each descriptor in any
-    control message (see "Who owns what").  Read bottom up: each name is an iterator; nothing runs until
-    ``_run`` pulls the last, all in C."""
-    reply, parsed = itertools.tee(map(obj.recvmsg, (_HANDOFF_HEADER.size + 1,), (_CONTROL_SPACE,),
-                                      (_RECEIVE_FLAGS | flags,)))
+    control message (see "Who owns what").  Each name is a link; nothing runs until ``_c_step``."""
+    reply, parsed = itertools.tee(_call(obj.recvmsg, _HANDOFF_HEADER.size + 1, _CONTROL_SPACE,
+                                        _RECEIVE_FLAGS | flags))
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
     carrying = map(_FD_MESSAGES.__contains__, map(_level_and_type, kinds))
     payloads = itertools.compress(map(_payload, messages), carrying)
     numbers = filter((-1).__lt__, itertools.chain.from_iterable(map(_descriptor_numbers, payloads)))
-    _run(itertools.chain(map(into.append, reply), map(into.append, map(_own_fd, numbers))))
+    _c_step(into, itertools.chain(reply, map(_own_fd, numbers)))  # into: [reply, owner, owner...]
 
 
 def _rights(replies: list, owners: list) -> list:
@@ -1089,7 +1062,7 @@ def _rights(replies: list, owners: list) -> list:
 
 
 def _memfd_kind(fd: int, size: int, shared: bool) -> str:
-    """Check a received descriptor; return how to map it: "memfd" (shared) or "view" (private)."""
+    """Check a received descriptor; return how to map it: _SHARED or _VIEW."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
         what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(fd)
@@ -1104,7 +1077,7 @@ def _memfd_kind(fd: int, size: int, shared: bool) -> str:
     if size != info.st_size or size <= 0 or size % PAGE_SIZE:
         raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {info.st_size} "
                          f"(both must agree, a positive multiple of {PAGE_SIZE})")
-    return "view" if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else "memfd"
+    return _VIEW if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else _SHARED
 
 
 # --- Detection: observe, never infer from a version number --------------------------------------------
@@ -1193,22 +1166,17 @@ def _observe(starved: list) -> Support:  # probe's work, uncached
     return Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
 
 
-def _frame(buf: PageBuffer, offset: int = 0) -> int:
-    """The page frame number behind ``buf[offset]``: 0 where hidden (without CAP_SYS_ADMIN) or not
-    resident.  ``OSError`` where ``/proc/self/pagemap`` cannot be read: no /proc, or no free descriptor."""
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek((buf.address + offset) // PAGE_SIZE * 8)
-        entry = struct.unpack("<Q", f.read(8))[0]
-    return entry & ((1 << 55) - 1) if entry >> 63 else 0
-
-
-def _seen_frame(buf: PageBuffer, unread: list, offset: int = 0) -> int:
-    """``_frame``, or 0 where pagemap cannot be read, with the reason added to ``unread``."""
+def _frame(buf: PageBuffer, unread: list, offset: int = 0) -> int:
+    """The page frame number behind ``buf[offset]``: 0 where hidden (without CAP_SYS_ADMIN), not
+    resident, or unreadable (no /proc, no free descriptor: the error is added to ``unread``)."""
     try:
-        return _frame(buf, offset)
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((buf.address + offset) // PAGE_SIZE * 8)
+            entry = struct.unpack("<Q", f.read(8))[0]
     except OSError as exc:  # kept without its traceback, whose frames would hold buf in a cycle
         unread.append(OSError(exc.errno, exc.strerror, exc.filename))
         return 0
+    return entry & ((1 << 55) - 1) if entry >> 63 else 0
 
 
 def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | None, bool | None]:
@@ -1219,6 +1187,7 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
         r, w = os.pipe()
     except OSError as exc:
         return _untried("vmsplice could not be tried", exc, notes, starved), None, None
+    unread: list = []  # why pagemap could not be read
     try:
         with PageBuffer(PAGE_SIZE) as src, PageBuffer(PAGE_SIZE) as dst:
             src[:8] = b"original"
@@ -1235,20 +1204,21 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
                          else "vmsplice copied the pages when it queued them."))
             src[:8] = b"gifted.."
             dst[:8] = b"resident"  # fault the destination in: a move must replace its frame
-            try:  # each _frame opens pagemap: EMFILE is not "hidden"
-                gifted, before = _frame(src), _frame(dst)
-                if not gifted or not before:
-                    notes.append("Page moves could not be checked: page frame numbers are hidden "
-                                 "without CAP_SYS_ADMIN.")
-                    return True, zero_copy, None
-                if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
-                    notes.append("Page moves could not be checked: the gifted page did not arrive.")
-                    return True, zero_copy, None
-                after = _frame(dst)
-            except OSError as exc:
-                return True, zero_copy, _untried("Page moves could not be checked", exc, notes, starved)
+            gifted, before = _frame(src, unread), _frame(dst, unread)
+            if unread:
+                return True, zero_copy, _untried("Page moves could not be checked", unread[0], notes, starved)
+            if not gifted or not before:
+                notes.append("Page moves could not be checked: page frame numbers are hidden without "
+                             "CAP_SYS_ADMIN.")
+                return True, zero_copy, None
+            if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
+                notes.append("Page moves could not be checked: the gifted page did not arrive.")
+                return True, zero_copy, None
+            after = _frame(dst, unread)
     finally:
-        _run(map(os.close, (r, w)))
+        _c_step([], map(os.close, (r, w)))
+    if unread:
+        return True, zero_copy, _untried("Page moves could not be checked", unread[0], notes, starved)
     if after == gifted:
         notes.append("The reader received the gifted page itself: vmsplice moves pages here.")
         return True, zero_copy, True
@@ -1267,10 +1237,10 @@ def _observe_handoff(notes: list, starved: list) -> bool | None:
         sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with sender, receiver, PageBuffer(PAGE_SIZE, memfd=True) as src:
             src[:8] = b"handoff!"
-            sent_frame = _seen_frame(src, unread)
+            sent_frame = _frame(src, unread)
             handoff(sender, src)
             with takeover(receiver) as got:
-                same, got_frame = got[:8] == b"handoff!", _seen_frame(got, unread)
+                same, got_frame = got[:8] == b"handoff!", _frame(got, unread)
     except (OSError, ValueError) as exc:  # ValueError: takeover refused what this very module sent
         if getattr(exc, "buffer", None) is not None:  # handoff's pages, kept for a retry: not wanted
             exc.buffer.close()  # type: ignore[union-attr]
@@ -1279,14 +1249,15 @@ def _observe_handoff(notes: list, starved: list) -> bool | None:
         code = errno.errorcode.get(getattr(exc, "errno", None) or 0)
         notes.append(f"Handoff fails{' with ' + code if code else ''}: {exc}.")
         return False
+    works = "Handoff works (a sealed memfd over a Unix socket)"
     if not same:
         notes.append("Handoff failed: the page arrived changed.")
     elif unread:
-        _untried("Handoff works (a sealed memfd over a Unix socket); whether the receiver saw the very "
-                 "same frame could not be checked", unread[0], notes, starved)
+        _untried(f"{works}; whether the receiver saw the very same frame could not be checked", unread[0],
+                 notes, starved)
     elif not sent_frame or not got_frame:
-        notes.append("Handoff works (a sealed memfd over a Unix socket); frame numbers are hidden, "
-                     "so whether the receiver saw the very same frame could not be checked.")
+        notes.append(f"{works}; frame numbers are hidden, so whether the receiver saw the very same frame "
+                     "could not be checked.")
     else:
         same_frame = "the very same" if sent_frame == got_frame else "another"
         notes.append(f"Handoff works: the receiver mapped {same_frame} frame ({got_frame:#x}; the sender's "
@@ -1354,11 +1325,6 @@ def _mismatch(buf: Any, seed: int, length: int) -> int | None:
     return None
 
 
-def _queued(fd: int) -> int:
-    """Bytes waiting in pipe ``fd``."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
 def _resident(buf: PageBuffer) -> int:
     """Bytes of ``buf`` resident in memory now (mincore(2)), -1 if unknown."""
     vec = (ctypes.c_ubyte * (len(buf) // PAGE_SIZE))()
@@ -1380,7 +1346,7 @@ def _in_child(fn: Any, *args: Any, close: Sequence[int] = ()) -> int:
     if pid:
         return pid
     try:
-        _run(map(os.close, close))
+        _c_step([], map(os.close, close))
         fn(*args)
         os._exit(0)
     except BaseException as exc:
@@ -1410,11 +1376,11 @@ def _writer_child(fn: Any, *args: Any) -> Any:
     r, w = pipe()
     sr, sw = (s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
     pid = _in_child(writer, w, sw, *args, close=(r, sr))
-    _run(map(os.close, (w, sw)))
+    _c_step([], map(os.close, (w, sw)))
     try:
         yield r, sr
     finally:
-        _run(map(os.close, (r, sr)))
+        _c_step([], map(os.close, (r, sr)))
         os.kill(pid, 9)  # SIGKILL: its work is done (its last word came) or no longer wanted
         os.waitpid(pid, 0)
 
@@ -1423,7 +1389,7 @@ def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None,
     import json
     src = PageBuffer(size, memfd=True) if how == "handoff" else PageBuffer(size, huge=huge)
     _fill(src, seed)
-    report = {"sender_frames": [_seen_frame(src, [], at) for at in (0, size - PAGE_SIZE)],
+    report = {"sender_frames": [_frame(src, [], at) for at in (0, size - PAGE_SIZE)],
               "writer_filled": _resident(src)}
     os.write(status, b"R")
     os.read(status, 1)  # "G", the go (or nothing: the parent is gone, and so shall we be)
@@ -1436,7 +1402,7 @@ def _migrate_writer(w: int, status: int, size: int, how: str, huge: bool | None,
 
 
 def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader_huge: bool | None = None,
-             label: str = "", watch: Any = lambda stage, dst: {}) -> dict:
+             watch: Any = lambda stage, dst: {}) -> dict:
     """Bring ``size`` bytes a child fills in ``PageBuffer(size, huge=huge)`` here by ``how`` ("gift",
     "plain", "handoff") into ``PageBuffer(size, huge=reader_huge)``; check every byte.  ``watch(stage,
     dst)`` runs before the go ("go"; ``dst`` None for a handoff) and when the data came ("here")."""
@@ -1454,13 +1420,10 @@ def _migrate(size: int, how: str, seed: int, *, huge: bool | None = None, reader
                 want = min(16 << 20, size - got)
                 n = move(r, dst, got, want) if how == "gift" else os.readv(r, [view[got:got + want]])
                 got += n
-                if label and sys.stderr.isatty():  # a progress bar, cleared at the end
-                    bar = f"\r{label:<14} [{'#' * (30 * got // size):<30}] {100 * got // size:3d}%"
-                    sys.stderr.write(bar if got < size and n else "\r" + " " * 60 + "\r")
         seconds = time.perf_counter() - start
         report = {**watch("here", dst), **json.loads(_status(status))}  # watch first: it may time
     bad = _mismatch(dst, seed, size) if got == size else got
-    verified, frames = time.perf_counter() - start, [_seen_frame(dst, [], at) for at in (0, size - PAGE_SIZE)]
+    verified, frames = time.perf_counter() - start, [_frame(dst, [], at) for at in (0, size - PAGE_SIZE)]
     dst.close()
     if bad is not None:
         raise RuntimeError(f"{how}: data differs at byte {bad} of {size}")
@@ -1474,8 +1437,8 @@ def _demo(size: int) -> None:
     support = probe()
     print(f"vmsplicemove demo: {_human(size)} from a child process to its parent, kernel {support.kernel}")
     labels = {"gift": "gift + move", "plain": "write + readv", "handoff": "handoff"}
-    runs = {how: _migrate(size, how, 7, reader_huge=None if how == "gift" else False, label=label)
-            for how, label in labels.items() if support.handoff or how != "handoff"}
+    runs = {how: _migrate(size, how, 7, reader_huge=None if how == "gift" else False)
+            for how in labels if support.handoff or how != "handoff"}
     print(f"every byte verified in all {len(runs)} runs ({size} bytes each); seconds from the go:\n"
           f"  {'':<14} {'arrived':>8} {'verified':>9}   throughput   freed in the writer")
     for how, run in runs.items():
