@@ -111,8 +111,7 @@ def _bind(lib: Any, name: str, restype: Any, *argtypes: Any) -> Any:  # None whe
 
 
 def _libc_handle(use_errno: bool) -> Any:
-    """libc without ctypes.util.find_library, which runs /sbin/ldconfig -p: dlopen(NULL), the process's
-    own scope, holds the libc ``os`` calls (glibc, musl, macOS); a soname where it exports none."""
+    """libc without find_library (it runs ldconfig): dlopen(NULL) holds it (glibc, musl, macOS)."""
     for name in (None, "libc.so.6", "libc.so"):
         with contextlib.suppress(OSError):
             lib = ctypes.CDLL(name, use_errno=use_errno)
@@ -173,8 +172,7 @@ def _call(fn: Any, *args: Any) -> Any:
 
 
 def _address_of(view: memoryview) -> int:
-    """The address of a contiguous ``view``'s bytes, read-only too (ctypes' API has it for writable
-    ones only).  ``view`` keeps the object exported, so that it cannot be closed or resized."""
+    """The address of a contiguous ``view``'s bytes, read-only ones too (``view`` keeps them exported)."""
     raw = _PyBuffer()
     acquired = map(operator.not_, _call(_GetBuffer, view, raw, 0))  # PyBUF_SIMPLE; 0: acquired
     _c_step([], map(_ReleaseBuffer, itertools.compress((raw,), acquired)))  # released at once
@@ -264,15 +262,15 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     @classmethod
     def _placeholder(cls, size: int) -> PageBuffer:
-        """``size`` bytes of private anonymous memory (copy-on-write to mmap, which then refuses to resize
-        it).  Linux 6.7+ starts whole huge pages on a huge-page boundary, which ``_adopt`` keeps."""
+        """Private anonymous memory (copy-on-write to mmap, which then refuses to resize it); Linux
+        6.7+ starts whole huge pages on a huge-page boundary, which ``_adopt`` keeps."""
         self = super().__new__(cls, -1, size, access=mmap.ACCESS_COPY)
         self._huge, self._memfd, self._kind = False, None, _PRIVATE
         return self
 
     def _adopt(self, memfd: Any, kind: str, mapped: list | None = None) -> None:
-        """Map ``memfd`` (an owner) over this buffer's range as ``kind`` (_SHARED or _VIEW); mmap's answer
-        goes to ``mapped`` in one C step, for a caller whose exception handler must know it."""
+        """Map ``memfd`` (an owner) over this buffer's range as _SHARED or _VIEW; mmap's answer goes
+        to ``mapped`` in one C step, for a caller whose exception handler must know it."""
         address, mapped, before = self.address, [] if mapped is None else mapped, (self._memfd, self._kind)
         # Said first, so that the buffer is right once the step has run: a view needs no descriptor; a
         # child's shared mapping would stop F_SEAL_WRITE, so _after_fork gives it a view.
@@ -297,26 +295,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     memfd = property(lambda self: self._kind != _PRIVATE,
                      doc="Whether the pages live in a memfd (``memfd=True``, or from ``takeover``).")
 
-    def resize(self, newsize: int) -> None:
-        """Refused (``TypeError``): the pages must stay where ``address`` says."""
-        raise TypeError("a PageBuffer cannot be resized: its address would change")
-
     def move(self, dest: int, src: int, count: int) -> None:
-        """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any range of a
-    ``PageBuffer`` or of a writable, contiguous bytes-like object; ``length=None``: to the end).
-
-    ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``), ``readv`` where it is refused,
-    until ``length`` bytes came or every writer closed the pipe.  A page-aligned range of a
-    ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
-    bytes received: ``length``, or fewer at end of file (0: nothing left), from a non-blocking pipe
-    that ran dry, or when an error followed some progress.  Exceptions carry ``transferred`` as gift's.
-
-    Raises:
-        TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
-        ValueError: a closed buffer, a bad range or flags, a write end.
-        BlockingIOError: a non-blocking pipe is empty before any byte.
-        OSError: EBADF: ``fd`` is not a pipe, or not open.
-    """
+        """Refused (``TypeError``): to receive from a pipe, call ``vmsplicemove.move(fd, buf)``."""
         raise TypeError("PageBuffer.move is mmap's memmove: write buf[a:b] = buf[c:d] instead; "
                         "to receive from a pipe, call vmsplicemove.move(fd, buf)")
 
@@ -334,8 +314,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
-        zeros, its memory goes back to the system; a pipe keeps what it holds.  ``ValueError`` for a
-        bad range or a closed buffer, ``OSError`` if the kernel refuses (locked, before Linux 5.18)."""
+        zeros, its memory goes back to the system, a pipe keeps what it holds.  ValueError for a bad
+        range or a closed buffer; OSError if the kernel refuses (locked memory before Linux 5.18)."""
         start, stop = _page_range(_open_size(self), offset, length, aligned=True)
         if stop == start:
             return
@@ -353,8 +333,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
 
 def _after_fork() -> None:
-    """In a forked child: each shared buffer becomes a private copy-on-write view of its memfd, which
-    does not stop the parent's seals; MAP_FIXED replaces what is there (nothing after MADV_DONTFORK)."""
+    """In a forked child: each shared buffer becomes a private view of its memfd (MAP_FIXED),
+    which does not stop the parent's seals."""
     for ref in list(_shared_buffers):
         buf = ref()
         if buf is not None and not buf.closed and buf._kind == _SHARED:
@@ -367,8 +347,8 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def _huge_advice(memfd: bool) -> int | None:
-    """How this kind of memory gets huge pages here: MADV_HUGEPAGE, MADV_COLLAPSE (a memfd where
-    shmem THP is ``never``: Linux 6.1+ collapses it all the same), or None (THP is off or ``deny``)."""
+    """How this memory gets huge pages here: MADV_HUGEPAGE, MADV_COLLAPSE (a memfd where shmem THP
+    is ``never``: Linux 6.1+ collapses all the same), or None (THP off, or ``deny``)."""
     if not memfd:
         return None if _thp_mode("enabled") in ("never", "unavailable") else _MADV_HUGEPAGE
     mode = _thp_mode("shmem_enabled")
@@ -467,8 +447,8 @@ def _fd_error(err: int, fd: int, call: str) -> OSError:
 
 
 def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> None:
-    """Check that ``fd`` is open for ``want`` (os.O_RDONLY or O_WRONLY).  Whether it is a pipe,
-    vmsplice tells (EBADF); the copy fallback's writev/readv would not, so it asks (``check_pipe``)."""
+    """Check that ``fd`` is open for ``want`` (O_RDONLY, O_WRONLY); vmsplice tells whether it is a
+    pipe (EBADF), the copy fallback's writev/readv would not, so it asks (``check_pipe``)."""
     try:
         access = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL) & os.O_ACCMODE
     except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
@@ -486,13 +466,12 @@ def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> Non
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
     """Make one ``vmsplice(2)`` call over ``buffers``; return the byte count (maybe short).
 
-    On a pipe write end the bytes of ``buffers`` are queued, on a read end the pipe's bytes are copied
-    into them, like ``os.writev``/``os.readv``.  ``flags``: any ``SPLICE_F_*``.  EINTR is retried.
-    Safety: on a write end the pipe holds references to the very pages of ``buffers``, not a copy, and
-    nothing is kept alive: until the reader has the data, modifying or freeing them changes or corrupts
-    what it gets.  ``gift`` hands pages over safely.  Raises TypeError (``fd`` not an int; one buffer,
-    not a sequence; a buffer not contiguous, or read-only on a read end), ValueError (unknown flag
-    bits, more than ``IOV_MAX`` buffers), OSError (the kernel's errno; EBADF saying what ``fd`` is).
+    Like ``os.writev`` on a pipe write end, ``os.readv`` on a read end; ``flags``: any ``SPLICE_F_*``;
+    EINTR is retried.  Safety: on a write end the pipe holds references to the very pages of
+    ``buffers``, not a copy, and keeps nothing alive: until the reader has the data, modifying or
+    freeing them changes or corrupts what it gets (``gift`` hands pages over safely).  Raises TypeError
+    (``fd`` not an int; one buffer, not a sequence; a buffer not contiguous, or read-only on a read
+    end), ValueError (unknown flags, more than ``IOV_MAX`` buffers), OSError (the kernel's errno).
     """
     _check_int("fd", fd)
     _check_flags(flags, _SPLICE_F_ALL, "vmsplice")
@@ -553,7 +532,7 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
 
 def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> bool:
     """What a failed step means: True to try again (EINTR, EAGAIN after waiting), False to return
-    the count so far (an error after progress comes on the next call); raises if nothing moved."""
+    the count so far (an error after progress comes next call); raises if nothing moved."""
     if err == errno.EINTR:
         return True
     if done and not (err == errno.EAGAIN and not nonblock):
@@ -620,8 +599,8 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
 
 
 def _transfer(loop: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
-    """Run gift's or move's ``loop`` over ``buf[start:start+length]``, ``buf`` exported meanwhile (it
-    cannot be closed); an exception leaving carries the bytes moved in ``transferred``."""
+    """Run gift's or move's ``loop`` over ``buf[start:start+length]``, ``buf`` exported meanwhile;
+    an exception leaving carries the bytes moved in ``transferred``."""
     progress: list = [(0, [])]  # (bytes before this step, this step's list): see above
     try:
         pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
@@ -684,9 +663,8 @@ def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
 
 
 def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
-    """The copy fallback's descriptor for ``fd``'s pipe: ``fd``, or a new one (/proc/self/fd) that never
-    waits (O_NONBLOCK, ``fd``'s flags left alone) or makes no packets (``fd`` has O_DIRECT: read(2)
-    drops what a short read leaves of a packet; vmsplice makes none)."""
+    """The copy fallback's descriptor for ``fd``'s pipe: ``fd``, or one of its own (/proc/self/fd)
+    that never waits (O_NONBLOCK) or makes no packets (O_DIRECT: a short read drops a packet's rest)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
     if not nonblock and not packets:
         return fd
@@ -697,15 +675,14 @@ def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
 
 
 def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
-    """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any byte range of a
-    ``PageBuffer`` or any writable, contiguous bytes-like object; ``length=None``: to the end).
+    """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any range of a
+    ``PageBuffer`` or of a writable, contiguous bytes-like object; ``length=None``: to the end).
 
-    Calls ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``) until ``length`` bytes came
-    or every writer closed the pipe; ``readv`` where ``vmsplice`` is refused.  A page-aligned range of
-    a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
+    ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``), ``readv`` where it is refused,
+    until ``length`` bytes came or every writer closed the pipe.  A page-aligned range of a
+    ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
     bytes received: ``length``, or fewer at end of file (0: nothing left), from a non-blocking pipe
-    that ran dry, or when an error followed some progress (it comes next call).  Any exception carries
-    the bytes received in ``transferred``, as with ``gift``.
+    that ran dry, or when an error followed some progress.  Exceptions carry ``transferred`` as gift's.
 
     Raises:
         TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
@@ -764,24 +741,22 @@ def _move_loop(fd: int, address: int, length: int, flags: int, progress: list) -
 
 def pipe(size: int | None = None) -> tuple[int, int]:
     """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size`` bytes (rounded up to a
-    power-of-two number of pages), or with ``None`` the largest allowed (``/proc/sys/fs/pipe-max-size``,
-    less where a per-user limit refuses it).  ``ValueError`` outside (0, 2 GiB); ``OSError`` EPERM above
+    power-of-two number of pages), or by default of the largest size allowed (pipe-max-size, or less
+    where a per-user limit refuses it).  ValueError outside (0, 2 GiB); OSError EPERM above
     pipe-max-size without CAP_SYS_RESOURCE."""
     if size is not None:
         _check_int("size", size)
         if not 0 < size < 2**31:  # fcntl() would silently truncate a larger one
             raise ValueError(f"size must be positive and below 2 GiB, not {size}")
     r, w = os.pipe()  # close-on-exec (non-inheritable) since Python 3.4
+    want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) if size is None and _LINUX else 0
     try:
         if size is not None:
             fcntl.fcntl(w, _F_SETPIPE_SZ, size)
-        elif _LINUX:
-            want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0)
-            while want > PAGE_SIZE:
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(w, _F_SETPIPE_SZ, want)
-                    break
-                want //= 2
+        while want > PAGE_SIZE and fcntl.fcntl(w, _F_GETPIPE_SZ) < want:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, _F_SETPIPE_SZ, want)
+            want //= 2
     except BaseException:
         os.close(r)
         os.close(w)
@@ -816,10 +791,9 @@ _level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.part
 
 
 def _unix_socket(sock: Any, call: str) -> Any:
-    """A context manager for ``sock`` checked to be a connected AF_UNIX stream or seqpacket socket:
-    the socket itself, left open, or for a descriptor a socket of our own on a duplicate (nothing here
-    closes the caller's), closed on leaving.  No generator: a generator left suspended by a raising
-    signal handler would run its cleanup in the garbage collector, where a handler may raise again."""
+    """A context manager for ``sock``, checked to be a connected AF_UNIX stream or seqpacket socket:
+    the caller's socket, or for a descriptor a socket of ours on a duplicate, closed on leaving.  Not a
+    generator: one left suspended by a raising handler would clean up in the collector."""
     if isinstance(sock, socket.socket):
         obj, manager = sock, contextlib.nullcontext(sock)  # type: Any, Any
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -964,9 +938,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
-    """Peek at the next message (a peek gets duplicates of its descriptors), check it, map its memfd, then
-    take it off the socket in one C step: before that the handoff is on the socket, after it in ``state``:
-    ``taken`` (recvmsg's answer, the owners of what came), ``pages`` at ``address``, ``mapped`` (mmap's)."""
+    """Peek at the next message (a peek gets duplicates of its descriptors), check it, map its
+    memfd, then take it off the socket in one C step: before that the handoff is on the socket, after it
+    in ``state``: ``taken`` (recvmsg's answer, the owners), ``pages`` at ``address``, ``mapped``."""
     peeked: list = []
     _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
     try:
@@ -1001,7 +975,7 @@ def _map_into(state: dict, memfd: Any, kind: str, size: int) -> None:
 
 
 def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
-    """A message checked: (the memfd's owner, how to map it, its size); raises if it is refused."""
+    """A message checked: (the memfd's owner, how to map it, its size); raises if it is rejected."""
     (data, _, msg_flags, _), owners = received[0], received[1:]
     rights = _rights(received[:1], owners)
     if not data and not owners:
@@ -1017,8 +991,8 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
-    """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, pages and
-    all): take as many and give them back; the first time, one is a memfd: where memfds live."""
+    """Check that a handoff's descriptors can be received (on EMFILE the kernel drops them, pages
+    and all): take as many and give them back; the first time, one is a memfd: where memfds live."""
     count = 1  # for the peek: when the message is taken, duplicates that find no room are only dropped
     with contextlib.suppress(OSError):  # before Linux 6.5 there is no pidfd
         count += bool(obj.getsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD))
@@ -1037,9 +1011,8 @@ def _reserve_descriptors(obj: socket.socket) -> None:
 
 
 def _receive(obj: socket.socket, flags: int, into: list) -> None:
-    """One C step: ``recvmsg`` of a handoff (one byte more: a longer message shows; a read stops after
-    a message with descriptors), its answer stored in ``into``, then an owner for each descriptor in any
-    control message (see "Who owns what").  Each name is a link; nothing runs until ``_c_step``."""
+    """One C step: ``recvmsg`` (one byte more than a handoff: a longer message shows), its answer
+    in ``into``, then an owner for each descriptor of any control message."""
     reply, parsed = itertools.tee(_call(obj.recvmsg, _HANDOFF_HEADER.size + 1, _CONTROL_SPACE,
                                         _RECEIVE_FLAGS | flags))
     messages, kinds = itertools.tee(itertools.chain.from_iterable(map(_ancdata, parsed)))
@@ -1087,14 +1060,12 @@ _probe_cache: Support | None = None
 
 @dataclasses.dataclass(frozen=True)
 class Support:
-    """What the running kernel does, as ``probe()`` observed it.  ``vmsplice``: the call works here
-    (else gift and move copy); None: untried (no free descriptor).  ``zero_copy_gift``: queued pages are
-    the writer's own (referenced, not copied); None: unchecked.  ``move``: the reader got the very page
-    gifted (True), a copy (False), or unknown (None: frame numbers hidden or unreadable).  ``handoff``: a
-    sealed memfd over a Unix socket works (True), does not (False), or untried (None).  ``huge_pages``:
-    THP always, madvise, never, unavailable (unknown: no descriptor).  ``pipe_max_size``:
-    /proc/sys/fs/pipe-max-size, or None where unreadable.  ``kernel``: the release string.  ``reason``:
-    one plain sentence per finding, with the errno where a call failed."""
+    """What the running kernel does, as ``probe()`` observed it; None where it could not be told.
+    ``vmsplice``: the call works (else gift and move copy).  ``zero_copy_gift``: queued pages are the
+    writer's own.  ``move``: the reader got the very page gifted (True) or a copy (False).  ``handoff``:
+    a sealed memfd over a Unix socket works.  ``huge_pages``: THP always, madvise, never, unavailable
+    (or unknown).  ``pipe_max_size``: /proc/sys/fs/pipe-max-size.  ``kernel``: the release string.
+    ``reason``: one plain sentence per finding, with the errno where a call failed."""
 
     vmsplice: bool | None
     zero_copy_gift: bool | None
@@ -1118,11 +1089,10 @@ def probe(refresh: bool = False) -> Support:
     """Observe what this kernel does; return a ``Support`` (cached; ``refresh=True`` looks again).
 
     It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
-    across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself (handoff), and
-    reads THP, pipe-max-size and the kernel release; never from a version number, leaving nothing
-    behind, raising nothing for what the system lacks: ``reason`` says.  A finding that needed a
-    descriptor when none was free (EMFILE, ENFILE) is None (``huge_pages``: "unknown"), the reason "no
-    free file descriptor"; such a record is returned, never cached: the next call looks again."""
+    across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself, and reads the
+    settings: never from a version number, leaving nothing behind, raising nothing for what the system
+    lacks.  Findings that needed a descriptor when none was free (EMFILE) are None, and that record is
+    not cached: the next call looks again."""
     global _probe_cache
     with _probe_lock:
         if _probe_cache is None or refresh:
@@ -1167,8 +1137,8 @@ def _observe(starved: list) -> Support:  # probe's work, uncached
 
 
 def _frame(buf: PageBuffer, unread: list, offset: int = 0) -> int:
-    """The page frame number behind ``buf[offset]``: 0 where hidden (without CAP_SYS_ADMIN), not
-    resident, or unreadable (no /proc, no free descriptor: the error is added to ``unread``)."""
+    """The page frame behind ``buf[offset]``; 0 where hidden (no CAP_SYS_ADMIN), not resident or
+    unreadable (no /proc, no descriptor: the error goes to ``unread``)."""
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek((buf.address + offset) // PAGE_SIZE * 8)
@@ -1241,7 +1211,7 @@ def _observe_handoff(notes: list, starved: list) -> bool | None:
             handoff(sender, src)
             with takeover(receiver) as got:
                 same, got_frame = got[:8] == b"handoff!", _frame(got, unread)
-    except (OSError, ValueError) as exc:  # ValueError: takeover refused what this very module sent
+    except (OSError, ValueError) as exc:  # ValueError: takeover rejected what this very module sent
         if getattr(exc, "buffer", None) is not None:  # handoff's pages, kept for a retry: not wanted
             exc.buffer.close()  # type: ignore[union-attr]
         if isinstance(exc, OSError) and exc.errno in _NO_FD:
@@ -1588,3 +1558,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+# MIT License.  Copyright (c) 2026 The vmsplicemove developers.  Permission is hereby granted, free of
+# charge, to any person obtaining a copy of this software and associated documentation files (the
+# "Software"), to deal in the Software without restriction, including without limitation the rights to
+# use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and to
+# permit persons to whom the Software is furnished to do so, subject to the following conditions: The
+# above copyright notice and this permission notice shall be included in all copies or substantial
+# portions of the Software.  THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR
+# PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY
+# CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
