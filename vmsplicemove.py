@@ -619,7 +619,7 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
     flags |= SPLICE_F_GIFT | SPLICE_F_MOVE
     advice = _MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED
     huge = _HUGE_PAGE_SIZE
-    out = fd if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
+    own, out = (None, fd) if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
     try:
         while progress[0][0] < length:
             done, step = progress[0]
@@ -645,33 +645,34 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
                 continue
             err = ctypes.get_errno()
             if vmsplicing and err in _SANDBOX_ERRNOS:
-                vmsplicing, out = False, _copy_from_now_on(fd, "gift", os.O_WRONLY, nonblock)
+                vmsplicing, (own, out) = False, _copy_from_now_on(fd, "gift", os.O_WRONLY, nonblock)
             elif not _after_error(err, fd, "gift", progress[0][0], nonblock):
                 break
         return progress[0][0]
     finally:
-        if out != fd:
-            os.close(out)
+        if own is not None:
+            own.close()
 
 
-def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> int:
-    """vmsplice was refused (ENOSYS, EPERM): copy from now on, here and process-wide; the fd to copy by."""
+def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> tuple[Any, int]:
+    """vmsplice was refused (ENOSYS, EPERM): copy from now on, here and process-wide (_fallback_end)."""
     global _use_vmsplice
     _use_vmsplice = False
     _pipe_access(fd, call, access, check_pipe=True)
     return _fallback_end(fd, access, nonblock)
 
 
-def _fallback_end(fd: int, access: int, nonblock: bool) -> int:
-    """The copy fallback's descriptor for ``fd``'s pipe: ``fd``, or one of its own (/proc/self/fd)
-    that never waits (O_NONBLOCK) or makes no packets (O_DIRECT: a short read drops a packet's rest)."""
+def _fallback_end(fd: int, access: int, nonblock: bool) -> tuple[Any, int]:
+    """The copy fallback's way to ``fd``'s pipe: ``(None, fd)``, or ``(owner, descriptor)`` of its own
+    (/proc/self/fd) that never waits (O_NONBLOCK) or makes no packets (O_DIRECT: a short read drops the
+    rest of a packet; vmsplice makes none)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
-    if not nonblock and not packets:
-        return fd
-    try:
-        return os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0))
-    except OSError:
-        return fd
+    owner: list
+    flags, owner = access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0), []
+    if nonblock or packets:
+        with contextlib.suppress(OSError):  # no /proc, no free descriptor: by fd itself
+            _c_step(owner, map(_own_fd, _call(os.open, f"/proc/self/fd/{fd}", flags)))
+    return (owner[0], owner[0].fileno()) if owner else (None, fd)
 
 
 def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
@@ -715,7 +716,7 @@ def _move_loop(fd: int, address: int, length: int, flags: int, progress: list) -
     vmsplicing = _use_vmsplice  # the copy fallback is chosen once per call
     nonblock = bool(flags & SPLICE_F_NONBLOCK)
     flags |= SPLICE_F_MOVE
-    source = fd if vmsplicing else _fallback_end(fd, os.O_RDONLY, nonblock)
+    own, source = (None, fd) if vmsplicing else _fallback_end(fd, os.O_RDONLY, nonblock)
     try:
         while progress[0][0] < length:
             done, step = progress[0]
@@ -730,13 +731,13 @@ def _move_loop(fd: int, address: int, length: int, flags: int, progress: list) -
                 continue
             err = ctypes.get_errno()
             if vmsplicing and err in _SANDBOX_ERRNOS:
-                vmsplicing, source = False, _copy_from_now_on(fd, "move", os.O_RDONLY, nonblock)
+                vmsplicing, (own, source) = False, _copy_from_now_on(fd, "move", os.O_RDONLY, nonblock)
             elif not _after_error(err, fd, "move", progress[0][0], nonblock):
                 break
         return progress[0][0]
     finally:
-        if source != fd:
-            os.close(source)
+        if own is not None:
+            own.close()
 
 
 def pipe(size: int | None = None) -> tuple[int, int]:
