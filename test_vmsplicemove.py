@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import traceback
@@ -61,18 +62,15 @@ needs_vmsplice = pytest.mark.needs_vmsplice  # conftest.py skips where probe().v
 # one system call, and what the signal storms share.
 
 
-def child_watchdog():
-    """conftest's watchdog is an interval timer of the parent, and fork() does
-    not copy timers: a child that hangs is ended by an alarm of its own, whose
-    default action kills it (a test that sets its own timer replaces this one)."""
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(300)
-
-
-def _child_alarm(seconds):
-    """A watchdog inside the child: SIGALRM raises TimeoutError (the parent kills it anyway
-    if signals stay blocked)."""
+def child_watchdog(seconds=300):
+    """A watchdog inside a forked child (fork() copies no timer: conftest's stays the parent's).
+    After ``seconds`` SIGALRM raises TimeoutError where the child is stuck, so that its traceback
+    says where; should that be swallowed, the next SIGALRM, 10 s on, kills it (the default action).
+    A test that sets a timer of its own replaces this one; a child with every signal blocked is
+    ended by in_child's deadline."""
     def expired(signum, frame):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, 10)
         raise TimeoutError(f"still blocked after {seconds} s")
     signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -83,39 +81,11 @@ def _ignore_signal(signum, frame):
     as "ignored due to race condition".)"""
 
 
-def in_child(fn, *args):
-    """Run ``fn(*args)`` in a forked child; return its (pickled) result or
-    fail with the child's traceback.  A crash fails the test, not the suite."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            child_watchdog()
-            os.close(r)
-            code = 0
-            try:
-                payload = pickle.dumps(("ok", fn(*args)))
-            except BaseException:
-                payload, code = pickle.dumps(("error", traceback.format_exc())), 1
-            with os.fdopen(w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    kind, value = pickle.loads(data) if data else ("error", f"child died, wait status {status:#x}")
-    if kind != "ok":
-        pytest.fail(f"in the child process:\n{value}")
-    return value
-
-
-def _isolated(fn, *args, timeout=60, label=""):
-    """Run ``fn(*args)`` in a forked child; return its (pickled) result.  Fail with the child's
-    traceback if it raised, and kill it and fail if it is still running after ``timeout``
-    seconds (a hang with every signal blocked cannot be ended from inside)."""
+def in_child(fn, *args, timeout=120, label=""):
+    """Run ``fn(*args)`` in a forked child; return its (pickled) result.  A crash, an exception or a
+    hang fails the test, not the suite: fail with the child's traceback if it raised or died, and
+    kill it and fail if it is still running after ``timeout`` seconds (a hang with every signal
+    blocked cannot be ended from inside)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -171,13 +141,24 @@ def _isolated(fn, *args, timeout=60, label=""):
 
 
 def start_child(fn, *args, close=()):
-    """Fork a child running ``fn(*args)``; it exits 0 on success, 1 on error.
-    It first closes ``close``, the parent's pipe ends, so that either side
-    sees EOF or EPIPE when the other dies."""
-    def watched():
+    """Fork a child running ``fn(*args)`` under child_watchdog; it exits 0 on success, 1 on error
+    (its traceback on stderr).  It first closes ``close``, the parent's pipe ends, so that either
+    side sees EOF or EPIPE when the other dies."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        for fd in close:
+            os.close(fd)
         child_watchdog()
         fn(*args)
-    return vm._in_child(watched, close=close)
+        os._exit(0)
+    except BaseException as exc:
+        if not isinstance(exc, (BrokenPipeError, KeyboardInterrupt)):  # else: the parent is gone, or knows
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(1)
 
 
 def reap(pid):
@@ -254,7 +235,6 @@ def pipe_max_size():
 
 def _fionread(fd):
     """Bytes queued in pipe ``fd`` (FIONREAD), measured here, not by the module under test."""
-    import termios
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
@@ -293,16 +273,22 @@ def maps_line(address):
     return None
 
 
-def vm_flags(address):
-    """The VmFlags of the mapping that contains ``address`` (/proc/self/smaps)."""
+def smaps_field(address, field):
+    """The words after ``field:`` in /proc/self/smaps for the mapping that contains ``address``
+    ([] if there is none)."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if head:
             inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
-        elif inside and line.startswith("VmFlags:"):
+        elif inside and line.startswith(f"{field}:"):
             return line.split()[1:]
     return []
+
+
+def vm_flags(address):
+    """The VmFlags of the mapping that contains ``address``."""
+    return smaps_field(address, "VmFlags")
 
 
 HUGE = vm._HUGE_PAGE_SIZE
@@ -310,15 +296,7 @@ HUGE = vm._HUGE_PAGE_SIZE
 
 def pmd_mapped_kib(address):
     """ShmemPmdMapped of the mapping at ``address``: how much of it the kernel maps in huge pages."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = (int(x, 16) for x in head.split("-"))
-            inside = low <= address < high
-        elif inside and line.startswith("ShmemPmdMapped:"):
-            return int(line.split()[1])
-    return 0
+    return int((smaps_field(address, "ShmemPmdMapped") or [0])[0])
 
 
 def page_frames(address, length):
@@ -716,15 +694,8 @@ def test_64mib_region_across_processes_byte_for_byte():
 
 
 def anon_huge_kib(address):
-    """AnonHugePages (KiB) of the mapping that contains ``address`` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
-        if head:
-            inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+    """AnonHugePages (KiB) of the mapping that contains ``address``."""
+    return int((smaps_field(address, "AnonHugePages") or [0])[0])
 
 
 def test_refill_detection_matches_what_smaps_shows():
@@ -931,7 +902,7 @@ def test_length_zero_and_empty_tail(pipe_fds):
         buf[:1] = b"k"
         assert vm.gift(w, buf, length=0) == 0
         assert vm.gift(w, buf, offset=PAGE) == 0
-        assert buf[:1] == b"k" and vm._queued(r) == 0
+        assert buf[:1] == b"k" and _fionread(r) == 0
         assert vm.move(r, buf, length=0) == 0
 
 
@@ -1453,7 +1424,7 @@ def _apply_rule(r):
               "out stays zero": env.out == bytes(PAGE)}
     for label, buf, data in env.watched:
         checks[f"{label} keeps its bytes"] = not buf.closed and buf[:] == data
-    n = vm._queued(env.r)
+    n = _fionread(env.r)
     got["pipe"] = (n, os.read(env.r, 64) if n else b"")
     if "unix" in env.__dict__:
         try:
@@ -1637,7 +1608,7 @@ def test_keyboard_interrupt_during_a_blocking_gift_leaves_no_gifted_page_mapped(
         assert buf[sent:] == data[sent:]  # not gifted: intact
         buf[:] = b"\xee" * size  # a write to a gifted page must not reach the pipe
         assert read_exactly(r, sent) == data[:sent]
-        assert vm._queued(r) == 0
+        assert _fionread(r) == 0
     os.close(r)
     os.close(w)
 
@@ -2010,7 +1981,7 @@ def _check_storm_hit(stats, seed, what, slow=False):
 def test_gift_under_a_signal_storm_keeps_every_promise(kind, thread, soak):
     seed = _storm_seed()
     label = f"seed {seed} (replay: VMSPLICE_STORM_SEED={seed})"
-    stats = _isolated(_gift_storm, seed, kind, "vmsplice", thread, soak,
+    stats = in_child(_gift_storm, seed, kind, "vmsplice", thread, soak,
                       timeout=600 if soak else 60, label=label)
     _check_storm_hit(stats, seed, kind, slow=kind == "huge")
 
@@ -2122,7 +2093,7 @@ def _move_storm(seed, path, thread, soak):
 def test_move_under_a_signal_storm_counts_exactly(thread, soak):
     seed = _storm_seed()
     label = f"seed {seed} (replay: VMSPLICE_STORM_SEED={seed})"
-    stats = _isolated(_move_storm, seed, "vmsplice", thread, soak,
+    stats = in_child(_move_storm, seed, "vmsplice", thread, soak,
                       timeout=600 if soak else 60, label=label)
     _check_storm_hit(stats, seed, "move")
 
@@ -2184,11 +2155,11 @@ def _leak_storm(what, seed, rounds, floor, cap=40.0):
         elif what == "move into a bytearray":
             os.write(w, source)
             _interrupted(lambda: vm.move(r, ba), stats)
-            read_exactly(r, vm._queued(r))
+            read_exactly(r, _fionread(r))
         elif what == "vmsplice()":
             _interrupted(lambda: vm.vmsplice(w, [source]), stats)
             _interrupted(lambda: vm.vmsplice(r, [ba]), stats)
-            read_exactly(r, vm._queued(r))
+            read_exactly(r, _fionread(r))
         else:  # a handoff/takeover pair; each tag must end up in exactly one place
             buf = vm.PageBuffer(PAGE, memfd=True)
             buf[:8] = tag
@@ -2252,15 +2223,15 @@ def _leak_storm(what, seed, rounds, floor, cap=40.0):
                                   "vmsplice()"])
 def test_a_raising_signal_storm_leaks_nothing_and_loses_no_handoff(what):
     seed = _storm_seed()
-    stats = _isolated(_leak_storm, what, seed, 2000, 100, timeout=120, label=f"seed {seed}")
+    stats = in_child(_leak_storm, what, seed, 2000, 100, timeout=120, label=f"seed {seed}")
     assert stats["after"] == stats["before"], f"seed {seed}: (descriptors, mappings) changed: {stats}"
     assert not stats["lost"] and not stats["doubled"], f"seed {seed}: {stats}"
     assert stats["interrupted"] >= 100, f"seed {seed}: too few calls cut in {stats['seconds']} s: {stats}"
 
 
 # handoff under a storm of raising handlers: whatever interrupts it, the pages are either delivered
-# (``transferred`` == the size, no ``buffer``) or come back intact in ``buffer`` (``transferred`` 0)
-# -- never lost, never both.
+# (``transferred`` == the size, no ``buffer``) or come back intact in ``buffer`` (``transferred``
+# 0): never lost, never both.
 def _handoff_storm(seed, count):
     rng = random.Random(seed)
     armed = [False]
@@ -2316,7 +2287,7 @@ def _handoff_storm(seed, count):
 @pytest.mark.stability
 def test_handoff_under_a_signal_storm_never_loses_or_doubles_the_pages(soak):
     seed = _storm_seed()
-    outcomes = _isolated(_handoff_storm, seed, 20000 if soak else 1500, timeout=600 if soak else 60)
+    outcomes = in_child(_handoff_storm, seed, 20000 if soak else 1500, timeout=600 if soak else 60)
     assert not outcomes["bad"], f"seed {seed}: {outcomes}"
     hit = outcomes["given back"] + outcomes["delivered"]
     assert hit > 0, f"seed {seed}: the storm hit nothing {outcomes}"
@@ -2387,7 +2358,7 @@ def _one_interrupt_per_handoff(seed, rounds):
 @pytest.mark.stability
 def test_handoff_cut_by_one_signal_always_says_what_happened():
     seed = _storm_seed()
-    out = _isolated(_one_interrupt_per_handoff, seed, 400, timeout=120, label=f"seed {seed}")
+    out = in_child(_one_interrupt_per_handoff, seed, 400, timeout=120, label=f"seed {seed}")
     assert not out["bad"], f"seed {seed}: {out}"
     assert out["after the unmap"] >= 20 and out["after sending"] >= 20, f"seed {seed}: {out}"
 
@@ -2439,7 +2410,7 @@ _MCL_CURRENT, _MCL_FUTURE = 1, 2
 
 
 def _locked_gift(how, kernel, path, huge):
-    _child_alarm(60)
+    child_watchdog(60)
     _set_path(path)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -2481,19 +2452,19 @@ def _locked_gift(how, kernel, path, huge):
 @pytest.mark.parametrize("how", ["mlockall", "mlock"])
 @pytest.mark.parametrize("huge", [False, True], ids=["4k", "huge"])
 def test_gift_of_locked_memory_drops_the_pages(how, huge):
-    outcome, _ = _isolated(_locked_gift, how, "new", "vmsplice", huge, timeout=60)
+    outcome, _ = in_child(_locked_gift, how, "new", "vmsplice", huge, timeout=60)
     assert outcome == "gifted"
 
 
 @pytest.mark.parametrize("path", ["fallback", pytest.param("seccomp", marks=needs_seccomp)])
 def test_gift_of_locked_memory_through_the_copy_fallback(path):
-    outcome, _ = _isolated(_locked_gift, "mlockall", "new", path, False, timeout=60)
+    outcome, _ = in_child(_locked_gift, "mlockall", "new", path, False, timeout=60)
     assert outcome == "gifted"
 
 
 @pytest.mark.parametrize("how", ["mlockall", "mlock"])
 def test_gift_of_locked_memory_on_an_old_kernel_refuses_before_queueing(how):
-    outcome, message = _isolated(_locked_gift, how, "old", "vmsplice", False, timeout=60)
+    outcome, message = in_child(_locked_gift, how, "old", "vmsplice", False, timeout=60)
     assert outcome == "refused" and "locked" in message
 
 
@@ -2548,10 +2519,10 @@ def test_copy_fallback_under_a_signal_storm(call, path, soak):
     seed = _storm_seed()
     label = f"seed {seed} (replay: VMSPLICE_STORM_SEED={seed})"
     if call == "gift":
-        stats = _isolated(_gift_storm, seed, "16 pages", path, True, soak,
+        stats = in_child(_gift_storm, seed, "16 pages", path, True, soak,
                           timeout=600 if soak else 60, label=label)
     else:
-        stats = _isolated(_move_storm, seed, path, True, soak,
+        stats = in_child(_move_storm, seed, path, True, soak,
                           timeout=600 if soak else 60, label=label)
     _check_storm_hit(stats, seed, f"{call} through the {path} path")
 
@@ -2569,7 +2540,7 @@ def _small_writes_then_nonblocking_gift(path):
         os.write(w, b"H00")
         assert vm.gift(w, buf, i * PAGE, PAGE) == PAGE
     before = _fionread(r)
-    _child_alarm(5)
+    child_watchdog(5)
     try:
         sent = vm.gift(w, buf, 2 * PAGE, flags=vm.SPLICE_F_NONBLOCK)
         outcome = f"returned {sent}"
@@ -2593,7 +2564,7 @@ def _small_writes_then_nonblocking_gift(path):
 # returns what fitted, or BlockingIOError: it never blocks.
 @pytest.mark.parametrize("path", _PATHS)
 def test_nonblocking_gift_after_small_writes_never_blocks(path):
-    sent, using = _isolated(_small_writes_then_nonblocking_gift, path, timeout=10)
+    sent, using = in_child(_small_writes_then_nonblocking_gift, path, timeout=10)
     if path == "vmsplice":
         assert sent == 12 * PAGE and using  # 16 slots, 4 taken
     else:
@@ -2601,7 +2572,7 @@ def test_nonblocking_gift_after_small_writes_never_blocks(path):
 
 
 def _packet_pipe(path):
-    _child_alarm(20)
+    child_watchdog(20)
     _set_path(path)
     results = {}
     for step in (1000, 5000):
@@ -2627,14 +2598,14 @@ def _packet_pipe(path):
 # A packet-mode pipe (O_DIRECT) moved in steps smaller than its packets loses no byte.
 @pytest.mark.parametrize("path", _PATHS)
 def test_packet_pipe_moved_in_small_steps_loses_nothing(path):
-    results, using = _isolated(_packet_pipe, path, timeout=30)
+    results, using = in_child(_packet_pipe, path, timeout=30)
     for step, (length, wrong, same) in results.items():
         assert (length, wrong, same) == (4 * PAGE, 0, True), f"{step}-byte steps: {results}"
     assert using is (path == "vmsplice")
 
 
 def _fifo_before_any_writer(path, fifo):
-    _child_alarm(5)
+    child_watchdog(5)
     _set_path(path)
     os.mkfifo(fifo)
     r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # succeeds with no writer
@@ -2663,7 +2634,7 @@ def _fifo_before_any_writer(path, fifo):
 # A FIFO opened before any writer reads as end of file, as os.read() does, until a writer comes.
 @pytest.mark.parametrize("path", _PATHS)
 def test_fifo_opened_before_any_writer_reads_end_of_file(path, tmp_path):
-    got, first, using = _isolated(_fifo_before_any_writer, path, str(tmp_path / "fifo"), timeout=20)
+    got, first, using = in_child(_fifo_before_any_writer, path, str(tmp_path / "fifo"), timeout=20)
     assert got == {"blocking": 0, "non-blocking": 0, "into a PageBuffer": 0,  # as os.read() does
                    "a writer wrote 5 bytes": 5,
                    "a writer, nothing queued, non-blocking": "BlockingIOError",
@@ -2673,7 +2644,7 @@ def test_fifo_opened_before_any_writer_reads_end_of_file(path, tmp_path):
 
 
 def _short_move_leaves_the_rest(path):
-    _child_alarm(10)
+    child_watchdog(10)
     _set_path(path)
     r, w = vm.pipe()
     data = pattern(2 * PAGE + 300, 91)
@@ -2697,7 +2668,7 @@ def _short_move_leaves_the_rest(path):
 # waiting forever for data it has already been given, and a forked child could get them twice).
 @pytest.mark.parametrize("path", _PATHS)
 def test_move_leaves_the_bytes_it_did_not_take_in_the_pipe(path):
-    results = _isolated(_short_move_leaves_the_rest, path, timeout=20)
+    results = in_child(_short_move_leaves_the_rest, path, timeout=20)
     expected = [(100, True, 200, True, True), (100, True, PAGE + 200, True, True),
                 (PAGE + 1, True, PAGE + 299, True, True)]
     assert results == expected
@@ -2887,7 +2858,7 @@ def _not_pipes(path, tmp):
 @pytest.mark.parametrize("path", ["vmsplice", "fallback"])
 def test_descriptors_that_are_not_pipes_get_an_oserror_saying_so(path):
     with tempfile.TemporaryDirectory() as tmp:
-        answers = _isolated(_not_pipes, path, tmp, timeout=30)
+        answers = in_child(_not_pipes, path, tmp, timeout=30)
     assert ("gift", "eventfd") in answers or not hasattr(os, "eventfd")
     bad = {}
     for (call, name), (kind, message, err, words, fd) in answers.items():
@@ -2943,7 +2914,7 @@ def _takeover_with_no_descriptor_free():
 
 
 def test_takeover_with_no_descriptor_free_says_so_and_keeps_the_handoff():
-    first, second = _isolated(_takeover_with_no_descriptor_free, timeout=60)
+    first, second = in_child(_takeover_with_no_descriptor_free, timeout=60)
     assert first[0] == errno.EMFILE and "no free file descriptor" in first[1], first
     assert second is True, "the handoff was lost"
 
@@ -3157,7 +3128,7 @@ def _anonymous_inodes_without_proc():
 # Without /proc an eventfd, pidfd or epoll descriptor is "an anonymous inode",
 # said once; and probe blames the missing pagemap, not CAP_SYS_ADMIN.
 def test_anonymous_inodes_and_pagemap_without_proc_are_named():
-    unavailable, answers, (move, reason) = _isolated(_anonymous_inodes_without_proc, timeout=60)
+    unavailable, answers, (move, reason) = in_child(_anonymous_inodes_without_proc, timeout=60)
     if unavailable:
         pytest.skip(unavailable)
     assert len(answers) == 6, answers
@@ -3226,7 +3197,7 @@ def test_gift_refuses_a_memfd_buffer_pointing_to_handoff(pipe_fds):
     buf, data = filled_memfd_buffer(PAGE, 46)
     with pytest.raises(ValueError, match="handoff"):
         vm.gift(w, buf)
-    assert vm._queued(r) == 0 and buf[:] == data and not buf.closed
+    assert _fionread(r) == 0 and buf[:] == data and not buf.closed
     buf.close()
 
 
@@ -3698,7 +3669,7 @@ def test_memfd_refused_gives_a_clear_oserror_and_probe_says_so():
     assert "EPERM" in reason or os.strerror(errno.EPERM) in reason, reason
 
 
-# -- live update -------------------------------------------------------------------------------------
+# -- live update -----------------------------------------------------------------------------------
 #
 # A program hands its memory to its next version, which finds every byte in the very frames.
 # Each version is a fresh interpreter (subprocess.Popen, not fork) that gets one end of a socketpair
@@ -4122,7 +4093,7 @@ def _live_storm(seed, kind, count, where):
 @pytest.mark.parametrize("where", ["handoff", "handoff takeover"])
 def test_live_update_under_a_signal_storm_never_loses_or_doubles_the_pages(kind, where, soak):
     seed = _storm_seed()
-    outcomes = _isolated(_live_storm, seed, kind, 5000 if soak else 300, where, timeout=600 if soak else 120)
+    outcomes = in_child(_live_storm, seed, kind, 5000 if soak else 300, where, timeout=600 if soak else 120)
     assert not outcomes["bad"], f"seed {seed}: {outcomes}"
     assert outcomes["given back"] > 0, f"seed {seed}: the storm never cut a call in the middle {outcomes}"
 
@@ -4332,8 +4303,6 @@ def test_cli_demo_too_large_to_map_fails_in_one_line(size):
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
-
-# -- descriptors exhausted, closed outputs, messages ------------------------------------------------
 
 # The command line run as ``-m`` would run it, but an uncaught exception exits 99 and an "Exception
 # ignored" 98: seen even where stderr is closed and no traceback could show.
