@@ -2897,11 +2897,7 @@ def _takeover_with_no_descriptor_free():
     a, b = unix_pair(socket.SOCK_SEQPACKET)
     buf, data = filled_memfd_buffer(2 * PAGE, 10)
     vm.handoff(a, buf)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    filler = []
-    with contextlib.suppress(OSError):
-        while True:
-            filler.append(os.dup(0))
+    filler = _take_all_descriptors_but(0)
     try:
         vm.takeover(b)
         first = "taken"
