@@ -9,7 +9,7 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true",
-                     help="run the reliability tests at full length (minutes, not seconds)")
+                     help="run the long tests (storms, cycles, random transfers) for minutes, not seconds")
 
 
 def pytest_configure(config):
