@@ -689,8 +689,8 @@ def test_64mib_region_across_processes_byte_for_byte():
 #
 # Through a pipe of half a huge page, a gift drops each huge page in two steps: the first splits
 # it, and the refill would take 512 small faults.  After the step that empties a huge page the
-# call gifted whole, gift drops it whole once more (only pages already dropped), where this
-# kernel then frees the empty page table (CONFIG_PT_RECLAIM): observed once, lazily.
+# call gifted whole, gift drops it whole once more (only pages already dropped), where the kernel
+# then frees the empty page table (CONFIG_PT_RECLAIM, seen on 6.18) and the refill is huge again.
 
 
 def anon_huge_kib(address):
@@ -698,38 +698,35 @@ def anon_huge_kib(address):
     return int((smaps_field(address, "AnonHugePages") or [0])[0])
 
 
-def test_refill_detection_matches_what_smaps_shows():
+def _refills_huge_after_the_redrop():
+    """Whether this kernel refills, in one huge page, a huge page dropped in two halves and then
+    whole once more (as gift drops it); None where it gives no huge page to start with."""
     hp = vm._HUGE_PAGE_SIZE
     if thp_mode() not in ("always", "madvise"):
-        pytest.skip(f"THP is {thp_mode()}")
-    advice = vm._MADV_DONTNEED_LOCKED if vm._dontneed_locked else vm._MADV_DONTNEED
-    saved = vm._mend
+        return None
     with vm.PageBuffer(2 * hp, huge=True) as buf:
         start = -buf.address % hp  # the huge page inside, on a huge-page boundary
         buf.discard()
         none = anon_huge_kib(buf.address)
         buf[start:start + hp] = b"\1" * hp
         if anon_huge_kib(buf.address) - none < hp >> 10:
-            pytest.skip("the kernel has no huge page to give now")
+            return None
         buf.discard(start, hp // 2)  # as two steps of a gift: the first splits it
         buf.discard(start + hp // 2, hp // 2)
         buf.discard(start, hp)  # the re-drop
         buf[start:start + hp] = b"\2" * hp
-        refilled_huge = anon_huge_kib(buf.address) - none >= hp >> 10
-    try:
-        assert vm._refill_is_huge(advice) is refilled_huge
-        assert vm._mend is refilled_huge
-    finally:
-        vm._mend = saved
+        return anon_huge_kib(buf.address) - none >= hp >> 10
 
 
 @needs_vmsplice
 @pytest.mark.parametrize("first, last", [(0, 0), (1, 0), (0, 1), (256, 256), (300, 700)],
                          ids=["whole", "from-page-1", "to-the-last-but-one", "halves", "inside"])
 def test_gift_of_huge_pages_in_pieces_keeps_the_rest_and_refills_in_huge_pages(first, last):
-    """``first`` and ``last``: pages of a two-huge-page buffer left out of the gift at each end."""
+    """``first`` and ``last``: pages of a two-huge-page buffer left out of the gift at each end.
+    Where the kernel refills a re-dropped huge page in one piece, the gift's must be refilled so."""
     hp = vm._HUGE_PAGE_SIZE
     size = 2 * hp
+    refills_huge = _refills_huge_after_the_redrop()
     with vm.PageBuffer(size, huge=True) as buf:
         if not buf.huge or buf.address % hp:
             pytest.skip("needs huge pages on a huge-page boundary (THP, Linux 6.7+)")
@@ -750,43 +747,11 @@ def test_gift_of_huge_pages_in_pieces_keeps_the_rest_and_refills_in_huge_pages(f
         assert got["data"] == data[offset:offset + length]
         assert buf[offset:offset + length] == bytes(length)
         assert buf[:offset] == data[:offset] and buf[offset + length:] == data[offset + length:]
-        if whole:
-            assert vm._mend is not None  # observed when first needed
         before = anon_huge_kib(buf.address)
         buf[offset:offset + length] = data[offset:offset + length]
-        if vm._mend:
+        if refills_huge:
             assert anon_huge_kib(buf.address) - before >= whole * hp >> 10
         assert buf[:] == data
-
-
-def test_refill_detection_waits_for_the_first_huge_page_emptied_in_pieces():
-    code = """if True:
-        import os, vmsplicemove as vm
-        seen = [vm._mend]
-        r, w = vm.pipe(min(vm._HUGE_PAGE_SIZE // 2, int(open('/proc/sys/fs/pipe-max-size').read())))
-        with vm.PageBuffer(4 * vm.PAGE_SIZE) as small:
-            vm.gift(w, small)
-            os.read(r, len(small))
-        seen.append(vm._mend)
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            while os.read(r, 1 << 20):
-                pass
-            os._exit(0)
-        os.close(r)
-        with vm.PageBuffer(2 * vm._HUGE_PAGE_SIZE, huge=True) as big:
-            vm.gift(w, big)
-        os.close(w)
-        os.waitpid(pid, 0)
-        print(seen + [vm._mend])
-    """
-    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    before, after_small, after_huge = eval(done.stdout)
-    assert before is None and after_small is None
-    assert after_huge in (True, False)  # a 4 MiB gift empties a whole huge page in pieces
 
 
 def _random_cases(seed, count):
@@ -2466,6 +2431,41 @@ def test_gift_of_locked_memory_through_the_copy_fallback(path):
 def test_gift_of_locked_memory_on_an_old_kernel_refuses_before_queueing(how):
     outcome, message = in_child(_locked_gift, how, "old", "vmsplice", False, timeout=60)
     assert outcome == "refused" and "locked" in message
+
+
+def _locked_gift_without_proc(how):
+    """As before Linux 5.18, with no /proc to tell locked memory: the gift goes ahead, the kernel
+    refuses to drop the locked pages, and gift replaces them with zero pages: the promise holds."""
+    child_watchdog(60)
+    unavailable = _without_proc()
+    if unavailable:
+        return unavailable, None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+    vm._dontneed_locked = False  # as before Linux 5.18: MADV_DONTNEED_LOCKED unknown
+    if how == "mlockall" and libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall")
+    r, w = vm.pipe(16 * PAGE)
+    buf, data = vm.PageBuffer(8 * PAGE), pattern(8 * PAGE, 43)
+    if how == "mlock" and libc.mlock(buf.address, len(buf)) != 0:
+        raise OSError(ctypes.get_errno(), "mlock")
+    buf[:] = data
+    assert libc.madvise(ctypes.c_void_p(buf.address), len(buf), vm._MADV_DONTNEED) != 0, "not locked"
+    gifted = vm.gift(w, buf)
+    zeros = buf[:] == bytes(len(buf))
+    buf[:] = b"B" * len(buf)
+    return None, (gifted, zeros, read_exactly(r, gifted) == data)
+
+
+@pytest.mark.parametrize("how", ["mlockall", "mlock"])
+def test_gift_of_locked_memory_on_an_old_kernel_without_proc_replaces_the_pages(how):
+    unavailable, found = in_child(_locked_gift_without_proc, how, timeout=60)
+    if unavailable:
+        pytest.skip(unavailable)
+    gifted, zeros, intact = found
+    assert gifted == 8 * PAGE and zeros and intact, (gifted, zeros, intact)
 
 
 # -- the copy fallback -----------------------------------------------------------------------------
@@ -4159,8 +4159,7 @@ _IMPORT_WATCH = """if True:
     sys.addaudithook(hook)
     before = set(sys.modules)
     import vmsplicemove
-    print(json.dumps({"spawned": spawned, "new": sorted(set(sys.modules) - before),
-                      "mend": vmsplicemove._mend}))
+    print(json.dumps({"spawned": spawned, "new": sorted(set(sys.modules) - before)}))
 """
 
 
@@ -4171,7 +4170,6 @@ def test_import_starts_no_process_and_loads_no_module_it_does_not_need():
     found = json.loads(done.stdout)
     assert found["spawned"] == []
     assert not {"subprocess", "ctypes.util", "typing", "resource"} & set(found["new"]), found["new"]
-    assert found["mend"] is None  # observed at the first gift that needs it, not at import
 
 
 def test_import_makes_no_execve_under_strace():

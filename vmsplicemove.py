@@ -153,8 +153,10 @@ _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyB
 #   - the caller reads what the step made from the list it passed, never from a return value: a
 #     handler that raises once the step has ended leaves it stored all the same;
 #   - exception handlers only load and store, they call nothing: from CPython 3.11 the interpreter
-#     runs signal handlers only at calls and backward jumps, so such a handler finishes.  3.9 and 3.10
-#     also check at most other bytecodes: a second raising handler there can cut the first short;
+#     runs signal handlers only on entering a Python function, at backward jumps and after a call
+#     returns, so such a handler finishes (and one direct C call would finish too: pipe() closes its
+#     two bare ends so).  3.9 and 3.10 check at most bytecodes: a second raising handler there can cut
+#     the first short;
 #   - a link after a system call whose errno is read leaves errno alone: ctypes saves errno after
 #     every call through a use_errno handle, so madvise, which follows vmsplice in a gift's step, has
 #     a second handle without it.
@@ -168,7 +170,7 @@ def _c_step(into: list, chain: Any) -> None:
 
 def _call(fn: Any, *args: Any) -> Any:
     """A link of a C step: the call ``fn(*args)``, made once when the chain pulls it."""
-    return map(fn, *zip(args))
+    return itertools.starmap(fn, (args,))
 
 
 def _address_of(view: memoryview) -> int:
@@ -749,20 +751,21 @@ def pipe(size: int | None = None) -> tuple[int, int]:
         _check_int("size", size)
         if not 0 < size < 2**31:  # fcntl() would silently truncate a larger one
             raise ValueError(f"size must be positive and below 2 GiB, not {size}")
-    r, w = os.pipe()  # close-on-exec (non-inheritable) since Python 3.4
     want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) if size is None and _LINUX else 0
+    ends: list = []  # [(read_fd, write_fd)] from one C step: os.pipe() close-on-exec, since Python 3.4
     try:
+        _c_step(ends, _call(os.pipe))
+        r, w = ends[0]
         if size is not None:
             fcntl.fcntl(w, _F_SETPIPE_SZ, size)
         while want > PAGE_SIZE and fcntl.fcntl(w, _F_GETPIPE_SZ) < want:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, _F_SETPIPE_SZ, want)
             want //= 2
-    except BaseException:
-        os.close(r)
-        os.close(w)
+        return r, w
+    except BaseException:  # bare numbers, no owner to drop: one C call closes both (see "The C step")
+        [None].extend(map(os.close, ends[0] if ends else ()))
         raise
-    return r, w
 
 
 # --- Handoff: the pages themselves, to another process -----------------------------------------------
