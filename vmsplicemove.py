@@ -153,10 +153,10 @@ _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyB
 #   - the caller reads what the step made from the list it passed, never from a return value: a
 #     handler that raises once the step has ended leaves it stored all the same;
 #   - exception handlers only load and store, they call nothing: from CPython 3.11 the interpreter
-#     runs signal handlers only on entering a Python function, at backward jumps and after a call
-#     returns, so such a handler finishes (and one direct C call would finish too: pipe() closes its
-#     two bare ends so).  3.9 and 3.10 check at most bytecodes: a second raising handler there can cut
-#     the first short;
+#     runs signal handlers only at the start of a Python function, at backward jumps and right after
+#     a call into C, so such a handler finishes (one direct C call finishes too: pipe() closes its two
+#     bare ends so).  3.9 and 3.10 check at most bytecodes: a second raising handler there can cut the
+#     first short;
 #   - a link after a system call whose errno is read leaves errno alone: ctypes saves errno after
 #     every call through a use_errno handle, so madvise, which follows vmsplice in a gift's step, has
 #     a second handle without it.
@@ -448,11 +448,12 @@ def _fd_error(err: int, fd: int, call: str) -> OSError:
     return OSError(err, f"{call} on descriptor {fd}: {os.strerror(err)}")
 
 
-def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> None:
-    """Check that ``fd`` is open for ``want`` (O_RDONLY, O_WRONLY); vmsplice tells whether it is a
-    pipe (EBADF), the copy fallback's writev/readv would not, so it asks (``check_pipe``)."""
+def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> int:
+    """Check that ``fd`` is open for ``want`` (O_RDONLY, O_WRONLY); return its status flags.  vmsplice
+    tells whether it is a pipe (EBADF), the fallback's writev/readv would not, so it asks (``check_pipe``)."""
     try:
-        access = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL) & os.O_ACCMODE
+        status = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL)
+        access = status & os.O_ACCMODE
     except (OSError, OverflowError, ValueError):  # negative or beyond a C int: not open either
         raise _fd_error(errno.EBADF, fd, call) from None
     right_end = access == want or (access == os.O_RDWR and want == os.O_WRONLY)  # as vmsplice sees it
@@ -463,6 +464,7 @@ def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> Non
         raise ValueError(f"{call} needs the {'write' if want == os.O_WRONLY else 'read'} end of a pipe; "
                          f"descriptor {fd} is {what}" + (", so vmsplice would send the buffer"
                                                           if want == os.O_RDONLY else ""))
+    return status
 
 
 def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
@@ -569,7 +571,8 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
     ``PAGE_SIZE``; ``length=None``: to the end) to the pipe write end ``fd``.
 
     ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and ``SPLICE_F_MORE``
-    from ``flags``) until every byte is queued or a non-blocking pipe is full; each page queued is
+    from ``flags``; non-blocking also where ``fd`` is O_NONBLOCK) until every byte is queued or a
+    non-blocking pipe is full; each page queued is
     dropped in the same C step, locked memory included: it reads as zeros, and writing to it never
     changes what the reader receives.  Where ``vmsplice`` is refused: ``writev``, then the drop.
     Returns the bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
@@ -590,7 +593,8 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
     if buf._kind != _PRIVATE:
         raise ValueError("gift cannot drop the pages of a memfd PageBuffer from the pipe's view "
                          "(they are shared): send them with handoff(), or gift a PageBuffer(size)")
-    _pipe_access(fd, "gift", os.O_WRONLY, check_pipe=not _use_vmsplice)
+    if _pipe_access(fd, "gift", os.O_WRONLY, check_pipe=not _use_vmsplice) & os.O_NONBLOCK:
+        flags |= SPLICE_F_NONBLOCK  # as os.write would: vmsplice(2) itself ignores O_NONBLOCK
     if start == stop:
         return 0
     if not _dontneed_locked and _is_locked(buf):
@@ -605,12 +609,18 @@ def _transfer(loop: Any, fd: int, buf: Any, start: int, length: int, flags: int)
     an exception leaving carries the bytes moved in ``transferred``."""
     progress: list = [(0, [])]  # (bytes before this step, this step's list): see above
     try:
-        pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
-        return loop(fd, ctypes.addressof(pin) + start, length, flags, progress)
-    except BaseException as exc:  # calls nothing (see "The C step"): only loads and stores
+        try:
+            pin = _Pin.from_buffer(buf)  # the address, from the buffer itself, and held while we work
+            return loop(fd, ctypes.addressof(pin) + start, length, flags, progress)
+        except BaseException as exc:  # calls nothing (see "The C step"): only loads and stores
+            done, step = progress[0]
+            exc.transferred = done + (step[0] if step and step[0] > 0 else 0)  # type: ignore[attr-defined]
+            pin = None  # releases the buffer: the traceback keeps this frame
+            raise
+    except BaseException as exc:  # 3.9/3.10: a second raising handler cut the first one short
         done, step = progress[0]
         exc.transferred = done + (step[0] if step and step[0] > 0 else 0)  # type: ignore[attr-defined]
-        pin = None  # releases the buffer: the traceback keeps this frame
+        pin = None
         raise
 
 
@@ -681,11 +691,12 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags
     """Receive from the pipe read end ``fd`` into ``buf[offset:offset+length]`` (any range of a
     ``PageBuffer`` or of a writable, contiguous bytes-like object; ``length=None``: to the end).
 
-    ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``), ``readv`` where it is refused,
-    until ``length`` bytes came or every writer closed the pipe.  A page-aligned range of a
-    ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux copies.  Returns the
-    bytes received: ``length``, or fewer at end of file (0: nothing left), from a non-blocking pipe
-    that ran dry, or when an error followed some progress.  Exceptions carry ``transferred`` as gift's.
+    ``vmsplice`` with ``SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``, also where ``fd`` is O_NONBLOCK),
+    ``readv`` where it is refused, until ``length`` bytes came or every writer closed the pipe.  A
+    page-aligned range of a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux
+    copies.  Returns the bytes received: ``length``, or fewer at end of file (0: nothing left), from a
+    non-blocking pipe that ran dry, or when an error followed some progress.  Exceptions carry
+    ``transferred`` as gift's.
 
     Raises:
         TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
@@ -696,7 +707,8 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags
     _check_flags(flags, _MOVE_FLAGS, "move")
     size = _open_size(buf) if isinstance(buf, PageBuffer) else _writable_size(buf)
     start, stop = _page_range(size, offset, length, aligned=False)
-    _pipe_access(fd, "move", os.O_RDONLY, check_pipe=not _use_vmsplice)
+    if _pipe_access(fd, "move", os.O_RDONLY, check_pipe=not _use_vmsplice) & os.O_NONBLOCK:
+        flags |= SPLICE_F_NONBLOCK  # as os.readv would: vmsplice(2) itself ignores O_NONBLOCK
     return _transfer(_move_loop, fd, buf, start, stop - start, flags)
 
 
@@ -753,8 +765,13 @@ def pipe(size: int | None = None) -> tuple[int, int]:
             raise ValueError(f"size must be positive and below 2 GiB, not {size}")
     want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) if size is None and _LINUX else 0
     ends: list = []  # [(read_fd, write_fd)] from one C step: os.pipe() close-on-exec, since Python 3.4
+    closing = map(os.close, itertools.chain.from_iterable(ends))  # built now: the handler only runs it
     try:
-        _c_step(ends, _call(os.pipe))
+        try:
+            _c_step(ends, _call(os.pipe))
+        except OSError as exc:
+            why = f"{_NO_FD[exc.errno]}: close some, or raise the limit" if exc.errno in _NO_FD else exc
+            raise OSError(exc.errno, f"pipe: {why}") from None
         r, w = ends[0]
         if size is not None:
             fcntl.fcntl(w, _F_SETPIPE_SZ, size)
@@ -764,7 +781,7 @@ def pipe(size: int | None = None) -> tuple[int, int]:
             want //= 2
         return r, w
     except BaseException:  # bare numbers, no owner to drop: one C call closes both (see "The C step")
-        [None].extend(map(os.close, ends[0] if ends else ()))
+        [None].extend(closing)
         raise
 
 
@@ -851,8 +868,9 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
         OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (another writable shared mapping
             stops the seal).  Every exception, a signal handler's included, carries ``transferred``
             (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go and
-            ``buf`` was already closed, else None.  Missing (CPython 3.9/3.10: a handler between the
-            ``try`` and the ``return``): ``buf`` closed means the pages went, open that nothing happened.
+            ``buf`` was already closed, else None.  Both are missing only where a handler raised as the
+            call began, or (CPython 3.9/3.10) between its ``try`` and its ``return``: then ``buf``
+            closed means the pages went, open that nothing happened.
     """
     if not isinstance(buf, PageBuffer) or buf._kind == _PRIVATE:
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
@@ -879,8 +897,12 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
             buf._memfd = None
             _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
             header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
-            _c_step(sent, _call(obj.sendmsg, [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
-                                socket.MSG_NOSIGNAL))
+            try:
+                _c_step(sent, _call(obj.sendmsg, [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+                                    socket.MSG_NOSIGNAL))
+            except BrokenPipeError:
+                raise BrokenPipeError(errno.EPIPE, "handoff: the peer has closed its end of the socket "
+                                      "(EPIPE); the pages are in this exception's buffer") from None
             rescue.close()
             return size
     except BaseException as exc:  # calls nothing (see "The C step"): only stores
@@ -922,8 +944,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
             ``sock`` is not a connected Unix socket.  TypeError: ``sock`` is neither a socket nor an
             int; ``shared`` is no bool.  OSError: EMFILE (no descriptor free to receive into) or
             ENOMEM (the size cannot be mapped): the handoff stays on the socket.  An exception after the
-            message left the socket (a signal handler's) carries its pages in ``buffer``, any other
-            None (on CPython 3.9/3.10 one between the ``try`` and the ``return`` does not: README, Limits).
+            message left the socket (a signal handler's) carries its pages in ``buffer``; any other, None
+            or no ``buffer`` (a handler as the call began: nothing happened; on CPython 3.9/3.10 one
+            between the ``try`` and the ``return`` loses the handoff: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
@@ -955,10 +978,14 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
         raise
     try:
         _map_into(state, *checked)
+        failed = None
     except (OSError, MemoryError) as exc:  # ENOMEM, say: a size this process cannot map now
-        raise OSError(getattr(exc, "errno", None) or errno.ENOMEM, f"takeover: cannot map the {checked[2]} "
-                      f"bytes the handoff announces ({exc}); it is still queued: free memory and call "
-                      f"takeover again, or close the socket") from None
+        failed = OSError(getattr(exc, "errno", None) or errno.ENOMEM, f"takeover: cannot map the "
+                         f"{checked[2]} bytes the handoff announces ({exc}); it is still queued: free "
+                         f"memory and call takeover again, or close the socket")
+    if failed is not None:  # raised here, with no context whose frames would hold the peeked memfd
+        peeked = checked = None  # type: ignore[assignment]
+        raise failed
     try:
         _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # one C step: now the pages are the caller's
     except BlockingIOError:
