@@ -3701,12 +3701,11 @@ def test_memfd_refused_gives_a_clear_oserror_and_probe_says_so():
 
 # -- live update -----------------------------------------------------------------------------------
 #
-# A program hands its memory to its next version, which finds every byte in the very frames.
-# Each version is a fresh interpreter (subprocess.Popen, not fork) that gets one end of a socketpair
-# with pass_fds, as a program that updates itself would start its successor: it runs one function
-# of this module (``_program``) and prints its findings as one JSON line.  Version 1 fills a region;
-# each later version writes 16 bytes of its own into every page (at 64 * version), so whoever comes
-# next can check every byte, its predecessors' writes included.
+# A program hands its memory to its next version, which finds every byte in the very frames.  Each
+# version is a fresh interpreter (subprocess.Popen, not fork) given one end of a socketpair with
+# pass_fds, as a program that updates itself would start its successor; it runs one function of this
+# module (``_program``) and prints its findings as one JSON line.  Version 1 fills a region; each later
+# one adds 16 bytes to every page (at 64 * version): the next checks every byte, its predecessors' too.
 
 _PROGRAM = "import json, sys, test_vmsplicemove as t; t.__dict__[sys.argv[1]](*json.loads(sys.argv[2]))"
 
@@ -4464,7 +4463,8 @@ def test_bench_text_help_and_bad_arguments():
 
 # -- the README and doctests -----------------------------------------------------------------------
 #
-# Every ```python example in the README runs as it stands, and so does the module docstring's.
+# Every ```python example in the README runs as it stands, in a fresh interpreter, and the module
+# docstring's example passes under doctest: what a reader copies works.
 
 
 def test_module_docstring_example():
