@@ -2332,6 +2332,78 @@ def test_handoff_cut_by_one_signal_always_says_what_happened():
     assert out["after the unmap"] >= 20 and out["after sending"] >= 20, f"seed {seed}: {out}"
 
 
+def _two_takers_under_a_storm(seed, shared, interrupted_floor, cap=40.0):
+    """Rounds of 8 handoffs on one socket, taken by the main thread (under a raising SIGALRM storm,
+    ``skip`` ticks in the module let by first) and by a competitor thread, until ``interrupted_floor``
+    main-thread takeovers were cut: each handoff must end exactly once (returned or in ``buffer``)."""
+    rng, armed = random.Random(seed), {"on": False, "skip": 0}
+
+    def handler(signum, frame):
+        while armed["on"] and frame is not None:
+            if frame.f_code.co_filename == vm.__file__:
+                if armed["skip"] > 0:
+                    armed["skip"] -= 1
+                    return
+                raise KeyboardInterrupt
+            frame = frame.f_back
+
+    signal.signal(signal.SIGALRM, handler)
+    out = {"rounds": 0, "interrupted": 0, "bad": []}
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 5e-5, 5e-5)
+    while out["interrupted"] < interrupted_floor and time.monotonic() - start < cap:
+        a, b = unix_pair(socket.SOCK_SEQPACKET)
+        tags = [b"R%07dH%07d" % (out["rounds"], i) for i in range(8)]
+        for tag in tags:
+            buf = vm.PageBuffer(PAGE, memfd=True)
+            buf[:16] = tag
+            vm.handoff(a, buf, shared=shared)
+        a.close()
+        got = []
+
+        def competitor(b, got):
+            with contextlib.suppress(EOFError):
+                while True:
+                    with vm.takeover(b, shared=shared) as pages:
+                        got.append(bytes(pages[:16]))
+
+        thread = threading.Thread(target=competitor, args=(b, got))
+        thread.start()
+        while True:
+            armed["skip"], armed["on"] = rng.choice([0, 1, 2, 4, 8, 16, 32]), True
+            try:
+                pages, exc = vm.takeover(b, shared=shared), None
+            except BaseException as caught:  # judged below
+                pages, exc = None, caught
+            armed["on"] = False
+            if isinstance(exc, EOFError):
+                break
+            if exc is not None:
+                out["interrupted"] += 1
+                pages = getattr(exc, "buffer", None)
+            if pages is not None:
+                got.append(bytes(pages[:16]))
+                pages.close()
+        thread.join()
+        b.close()
+        if sorted(got) != tags:
+            out["bad"].append((out["rounds"], sorted(got)))
+        out["rounds"] += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    return out
+
+
+@pytest.mark.stability
+@pytest.mark.skipif(not _COUNT_ALWAYS_ATTACHED, reason="3.9/3.10 keep the window (README, Limits)")
+@pytest.mark.parametrize("shared", [False, True], ids=["sealed", "shared"])
+def test_two_threads_taking_over_from_one_socket_under_a_raising_storm_lose_nothing(shared):
+    seed = _storm_seed()
+    out = in_child(_two_takers_under_a_storm, seed, shared, 300, timeout=120, label=f"seed {seed}")
+    assert not out["bad"], f"seed {seed}: handoffs lost or given twice: {out}"
+    assert out["interrupted"] >= 300, f"seed {seed}: too few takeovers cut: {out}"
+
+
 @pytest.mark.stability
 @SOCKET_TYPES
 def test_threads_taking_over_from_one_socket_take_each_handoff_exactly_once(kind):

@@ -935,7 +935,8 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     pass it on with no copy.  Checked before anything is mapped: one descriptor, a memfd (the kernel
     says so: no ``/proc`` needed) of the announced size, sealed against shrinking, growing and (unless
     ``shared``) writing; whatever else arrives is closed.  The message leaves the socket only once
-    its pages are mapped: interrupted before, it is still there.
+    its pages are mapped: interrupted before, it is still there.  Threads may share ``sock``: each
+    handoff goes to exactly one.
 
     Raises:
         EOFError: the peer closed the socket without a handoff.
@@ -964,12 +965,30 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
         raise
 
 
+# One thread at a time from its look at a message to its take, so that what it took is what it
+# looked at and mapped (else a handler raising before the re-check below would give another's pages
+# and close its own).  From 3.11 ``with`` a C lock cannot be left held: the handler runs inside the
+# block; 3.9 and 3.10 could leave it held (between POP_BLOCK and the exit) and hang every later
+# takeover, so there threads that share a socket keep that window (README, Limits).
+_take_lock: Any = threading.Lock() if sys.version_info >= (3, 11) else contextlib.nullcontext()
+
+
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
-    """Peek at the next message (a peek gets duplicates of its descriptors), check it, map its
-    memfd, then take it off the socket in one C step: before that the handoff is on the socket, after it
-    in ``state``: ``taken`` (recvmsg's answer, the owners), ``pages`` at ``address``, ``mapped``."""
+    """Wait for a message; then, under ``_take_lock``, peek at it (a peek gets duplicates of its
+    descriptors), check it, map its memfd and take it off the socket in one C step: before that the
+    handoff is on the socket, after it in ``state``: ``taken`` (recvmsg's answer, the owners), ``pages``
+    at ``address``, ``mapped``."""
+    obj.recv(1, socket.MSG_PEEK)  # waits, as the socket's timeout says; takes nothing, installs no descriptor
+    with _take_lock:
+        _take_locked(obj, shared, state)
+
+
+def _take_locked(obj: socket.socket, shared: bool, state: dict) -> None:
     peeked: list = []
-    _receive(obj, socket.MSG_PEEK, peeked)  # waits, as the socket's timeout says
+    try:
+        _receive(obj, socket.MSG_PEEK | socket.MSG_DONTWAIT, peeked)
+    except BlockingIOError:
+        return  # another thread took it while this one waited: wait for the next
     try:
         checked = _check_handoff(peeked, shared)
     except (ValueError, PermissionError, EOFError):
