@@ -54,8 +54,7 @@ TYPE_CHECKING = False  # typing costs milliseconds at import; annotations are st
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
-# 3.9 is the oldest CPython tested here (3.8 ended in October 2024); 3.7's mmap has no madvise, so a
-# gift would queue pages it cannot drop.
+# 3.9: the oldest CPython tested (3.8 ended in October 2024); 3.7's mmap has no madvise to drop a gift.
 if sys.version_info < (3, 9):  # noqa: UP036
     raise ImportError("vmsplicemove needs Python 3.9 or later, not {}.{}".format(*sys.version_info[:2]))
 
@@ -98,8 +97,7 @@ _MAP_FIXED, _RW = 0x10, mmap.PROT_READ | mmap.PROT_WRITE
 _THP = "/sys/kernel/mm/transparent_hugepage/"
 
 # --- The libc binding: argtypes and restype set once --------------------------------------------------
-# struct iovec {void *iov_base; size_t iov_len;} as bytes: ctypes passes bytes to a c_void_p argument
-# as a pointer, faster than it builds a Structure, and the kernel only reads it.
+# struct iovec {void *iov_base; size_t iov_len;} as bytes, passed as a pointer: cheaper than a Structure.
 _pack_iovec = struct.Struct("PN").pack
 
 
@@ -145,21 +143,17 @@ _ReleaseBuffer = _bind(_pythonapi, "PyBuffer_Release", None, ctypes.POINTER(_PyB
 # CPython runs a Python signal handler in the main thread between bytecodes, whichever thread got the
 # signal, so blocking signals cannot keep it out, and the handler may raise (KeyboardInterrupt).
 # Raising between a system call and what must follow it would lose what it made: a count, a
-# descriptor, gifted pages still mapped.  So each such pair is one *C step*: a chain of iterators
-# over C callables, pulled to its end by one C call (``_c_step``), which stores what the chain yields.
-# The rules, which every use below keeps:
+# descriptor, gifted pages still mapped.  So each such pair is one *C step*: a chain of iterators over
+# C callables, pulled to its end by one C call (``_c_step``), which stores what the chain yields.  Rules:
 #   - only C callables in the chain (builtins, methods of C types, ctypes functions): a Python
 #     function runs bytecodes, where a handler can raise;
-#   - the caller reads what the step made from the list it passed, never from a return value: a
-#     handler that raises once the step has ended leaves it stored all the same;
-#   - exception handlers only load and store, they call nothing: from CPython 3.11 the interpreter
-#     runs signal handlers only at the start of a Python function, at backward jumps and right after
-#     a call into C, so such a handler finishes (one direct C call finishes too: pipe() closes its two
-#     bare ends so).  3.9 and 3.10 check at most bytecodes: a second raising handler there can cut the
-#     first short;
+#   - the caller reads what the step made from the list it passed, never from a return value;
+#   - exception handlers only load and store (or make one direct C call, as pipe() does): from 3.11
+#     CPython runs signal handlers only at a function's start, at backward jumps and right after a
+#     call into C, so such a handler finishes.  3.9 and 3.10 check at most bytecodes: a second
+#     raising handler there can cut the first short;
 #   - a link after a system call whose errno is read leaves errno alone: ctypes saves errno after
-#     every call through a use_errno handle, so madvise, which follows vmsplice in a gift's step, has
-#     a second handle without it.
+#     every call through a use_errno handle, so madvise, after vmsplice in a gift's step, has another.
 # Waits happen between steps; no signal is ever blocked.
 
 
@@ -206,20 +200,19 @@ class _OwnHelp(type):
 
 
 # Who owns what.  A descriptor or a mapping held as a bare int would leak if a signal handler raised
-# before it reached its owner, so each is born, in one C step, inside an object that releases it in C
-# when freed: a mapping inside its mmap object, a descriptor inside an epoll object (``epoll.fromfd``
-# adopts any descriptor and closes it, silently, when freed; no other standard type does both).
-# Exception handlers then only drop references.
+# before it reached its owner, so each is born, in one C step, inside an object that frees it in C: a
+# mapping in its mmap object, a descriptor in an epoll object (``epoll.fromfd`` adopts any descriptor
+# and closes it when freed; no other standard type does).  Exception handlers only drop references.
 _own_fd: Any = getattr(select, "epoll", None) and select.epoll.fromfd
 _HUGE_PAGE_SIZE = int(_read_setting(_THP + "hpage_pmd_size", "") or 2 << 20)
 _Pin = ctypes.c_char * 0  # _Pin.from_buffer(obj): obj's address, obj exported while the pin lives
 _NO_FD = {errno.EMFILE: "no free file descriptor (EMFILE: this process is at its RLIMIT_NOFILE, ulimit -n)",
           errno.ENFILE: "no free file descriptor (ENFILE: the system's file table is full, fs.file-max)"}
-# Weak references to the buffers mapped shared, for _after_fork; each removes itself in C when its
-# buffer is freed (a WeakSet would run Python code there, where a signal handler may raise).
+# Weak references to the buffers mapped shared, for _after_fork; each removes itself in C (a WeakSet
+# would run Python code, where a signal handler may raise).
 _shared_buffers: set = set()
-# What a PageBuffer maps (its _kind): private anonymous memory; a memfd mapped shared (it can be handed
-# off); a memfd mapped private copy-on-write (a sealed takeover, a failed handoff's, a fork's child).
+# A PageBuffer's _kind: private anonymous memory; a memfd mapped shared (it can be handed off); a memfd
+# mapped private copy-on-write (a sealed takeover, a failed handoff's, a fork's child).
 _PRIVATE, _SHARED, _VIEW = "private", "shared memfd", "memfd view"
 
 
@@ -232,12 +225,11 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     what it got.  ``memfd=False``: private anonymous memory, what ``gift`` needs (a dropped *private*
     page leaves this process; a shared one, ``mmap.mmap(-1, n)``'s default, stays shared with the pipe).
     ``memfd=True``: a sealable memfd's pages, mapped shared, for ``handoff``; a forked child sees a
-    private copy-on-write view (the parent can still seal and send them; after ``madvise(MADV_DOFORK)``,
-    only once the child has started running).  A writable bytes-like object that keeps ``mmap``'s
-    ``read``, ``write``, ``seek``, ``find``, ``flush``, ``madvise``; the mapping never moves (``resize``
-    is refused).  ``close()`` while exported raises ``BufferError``; use after close ``ValueError``.
-    Raises TypeError (``size`` not an int), ValueError (not positive, or too large to map), OSError
-    (the system refuses the memory, or memfd: not Linux, seccomp, no free descriptor)."""
+    private copy-on-write view.  A writable bytes-like object with ``mmap``'s ``read``, ``write``,
+    ``seek``, ``find``, ``flush``, ``madvise``, that never moves (``resize`` is refused); ``close()``
+    while exported raises ``BufferError``, use after close ``ValueError``.  Raises TypeError (``size``
+    not an int), ValueError (not positive, too large), OSError (no memory; memfd: not Linux, seccomp,
+    no free descriptor)."""
 
     __slots__ = ("_huge", "_kind", "_memfd")
     _huge: bool
@@ -245,12 +237,10 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     _kind: str  # _PRIVATE, _SHARED or _VIEW
 
     def __new__(cls, size: int, *, huge: bool | None = None, memfd: bool = False) -> PageBuffer:
-        _check_int("size", size)
-        if size <= 0:
+        if _check_int("size", size) <= 0:
             raise ValueError(f"size must be positive, not {size}")
         advice = _huge_advice(memfd)
-        if huge is None:
-            huge = size % _HUGE_PAGE_SIZE == 0 and advice is not None
+        huge = size % _HUGE_PAGE_SIZE == 0 and advice is not None if huge is None else huge
         unit = _HUGE_PAGE_SIZE if huge else PAGE_SIZE
         rounded = -(-size // unit) * unit
         if rounded > sys.maxsize:
@@ -264,18 +254,15 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     @classmethod
     def _placeholder(cls, size: int) -> PageBuffer:
-        """Private anonymous memory (copy-on-write to mmap, which then refuses to resize it); Linux
-        6.7+ starts whole huge pages on a huge-page boundary, which ``_adopt`` keeps."""
+        """Private anonymous memory, which mmap refuses to resize (Linux 6.7+ aligns huge sizes)."""
         self = super().__new__(cls, -1, size, access=mmap.ACCESS_COPY)
         self._huge, self._memfd, self._kind = False, None, _PRIVATE
         return self
 
     def _adopt(self, memfd: Any, kind: str, mapped: list | None = None) -> None:
-        """Map ``memfd`` (an owner) over this buffer's range as _SHARED or _VIEW; mmap's answer goes
-        to ``mapped`` in one C step, for a caller whose exception handler must know it."""
+        """Map ``memfd`` (an owner) over this buffer's range as _SHARED or _VIEW, mmap's answer stored
+        in ``mapped`` by a C step.  Kind and owner are set first, so a handler after it finds them right."""
         address, mapped, before = self.address, [] if mapped is None else mapped, (self._memfd, self._kind)
-        # Said first, so that the buffer is right once the step has run: a view needs no descriptor; a
-        # child's shared mapping would stop F_SEAL_WRITE, so _after_fork gives it a view.
         self._memfd, self._kind = (memfd if kind == _SHARED else None), kind
         if kind == _SHARED:
             _shared_buffers.add(weakref.ref(self, _shared_buffers.discard))
@@ -297,11 +284,6 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
     memfd = property(lambda self: self._kind != _PRIVATE,
                      doc="Whether the pages live in a memfd (``memfd=True``, or from ``takeover``).")
 
-    def move(self, dest: int, src: int, count: int) -> None:
-        """Refused (``TypeError``): to receive from a pipe, call ``vmsplicemove.move(fd, buf)``."""
-        raise TypeError("PageBuffer.move is mmap's memmove: write buf[a:b] = buf[c:d] instead; "
-                        "to receive from a pipe, call vmsplicemove.move(fd, buf)")
-
     def close(self) -> None:
         """Unmap the pages (and let go of the memfd); ``BufferError`` while exported."""
         try:
@@ -316,8 +298,8 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Drop ``self[offset:offset+length]`` (whole pages; ``None``: to the end): it reads back as
-        zeros, its memory goes back to the system, a pipe keeps what it holds.  ValueError for a bad
-        range or a closed buffer; OSError if the kernel refuses (locked memory before Linux 5.18)."""
+        zeros, its memory goes back to the system.  ValueError: a bad range or a closed buffer; OSError:
+        the kernel refuses (locked memory before Linux 5.18)."""
         start, stop = _page_range(_open_size(self), offset, length, aligned=True)
         if stop == start:
             return
@@ -335,8 +317,7 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
 
 
 def _after_fork() -> None:
-    """In a forked child: each shared buffer becomes a private view of its memfd (MAP_FIXED),
-    which does not stop the parent's seals."""
+    """In a forked child: each shared buffer becomes a private view, which does not stop the seals."""
     for ref in list(_shared_buffers):
         buf = ref()
         if buf is not None and not buf.closed and buf._kind == _SHARED:
@@ -349,8 +330,8 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def _huge_advice(memfd: bool) -> int | None:
-    """How this memory gets huge pages here: MADV_HUGEPAGE, MADV_COLLAPSE (a memfd where shmem THP
-    is ``never``: Linux 6.1+ collapses all the same), or None (THP off, or ``deny``)."""
+    """How this memory gets huge pages: MADV_HUGEPAGE, MADV_COLLAPSE (memfd, shmem THP ``never``:
+    Linux 6.1+ collapses all the same) or None (THP off, or ``deny``)."""
     if not memfd:
         return None if _thp_mode("enabled") in ("never", "unavailable") else _MADV_HUGEPAGE
     mode = _thp_mode("shmem_enabled")
@@ -385,8 +366,7 @@ def _new_memfd(size: int) -> Any:
     return owner[0]
 
 
-def _zero_pages(address: int, length: int) -> None:
-    """Replace the pages at ``address`` with fresh private zero pages (MAP_FIXED: atomically)."""
+def _zero_pages(address: int, length: int) -> None:  # fresh private zero pages there (MAP_FIXED)
     if _mmap_fn(address, length, _RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0) != address:
         raise OSError(ctypes.get_errno(), "mmap over the discarded range failed")
 
@@ -449,8 +429,8 @@ def _fd_error(err: int, fd: int, call: str) -> OSError:
 
 
 def _pipe_access(fd: int, call: str, want: int, check_pipe: bool = False) -> int:
-    """Check that ``fd`` is open for ``want`` (O_RDONLY, O_WRONLY); return its status flags.  vmsplice
-    tells whether it is a pipe (EBADF), the fallback's writev/readv would not, so it asks (``check_pipe``)."""
+    """Check that ``fd`` is open for ``want`` (O_RDONLY, O_WRONLY); return its status flags.  The copy
+    fallback's writev/readv would not say EBADF for a non-pipe, as vmsplice does: it asks (check_pipe)."""
     try:
         status = fcntl.fcntl(fd if type(fd) is int else _check_int("fd", fd), fcntl.F_GETFL)
         access = status & os.O_ACCMODE
@@ -475,8 +455,7 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
     ``buffers``, not a copy, and keeps nothing alive: until the reader has the data, modifying or
     freeing them changes or corrupts what it gets (``gift`` hands pages over safely).  Raises TypeError
     (``fd`` not an int; one buffer, not a sequence; a buffer not contiguous, or read-only on a read
-    end), ValueError (unknown flags, more than ``IOV_MAX`` buffers), OSError (the kernel's errno).
-    """
+    end), ValueError (unknown flags, more than ``IOV_MAX`` buffers), OSError (the kernel's errno)."""
     _check_int("fd", fd)
     _check_flags(flags, _SPLICE_F_ALL, "vmsplice")
     if isinstance(buffers, (bytes, bytearray, memoryview, mmap.mmap, str)):
@@ -530,7 +509,7 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
     try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
         _page.madvise(_MADV_DONTNEED_LOCKED)
         _dontneed_locked = _LINUX
-    except OSError:
+    except OSError:  # where it does not, a locked page the drop refuses is replaced by a zero page
         _dontneed_locked = False
 
 
@@ -551,30 +530,14 @@ def _after_error(err: int, fd: int, call: str, done: int, nonblock: bool) -> boo
     return True
 
 
-def _is_locked(buf: PageBuffer) -> bool:
-    """Whether a page of ``buf`` is in a VM_LOCKED mapping ("lo" in smaps).  False where smaps cannot be
-    read (no /proc): the drop then fails on a locked page, and _gift_loop replaces it with a zero page."""
-    start, stop, inside = buf.address, buf.address + len(buf), False
-    with contextlib.suppress(OSError), open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):  # a mapping's "low-high perms ..." line
-                low, high = (int(x, 16) for x in head.split("-"))
-                inside = low < stop and high > start
-            elif inside and line.startswith("VmFlags:") and " lo" in line:
-                return True
-    return False
-
-
 def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *, flags: int = 0) -> int:
     """Give the pages ``buf[offset:offset+length]`` of a private ``PageBuffer`` (multiples of
     ``PAGE_SIZE``; ``length=None``: to the end) to the pipe write end ``fd``.
 
-    ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK`` and ``SPLICE_F_MORE``
-    from ``flags``; non-blocking also where ``fd`` is O_NONBLOCK) until every byte is queued or a
-    non-blocking pipe is full; each page queued is
-    dropped in the same C step, locked memory included: it reads as zeros, and writing to it never
-    changes what the reader receives.  Where ``vmsplice`` is refused: ``writev``, then the drop.
+    ``vmsplice`` with ``SPLICE_F_GIFT | SPLICE_F_MOVE`` (plus ``SPLICE_F_NONBLOCK``, also where ``fd``
+    is O_NONBLOCK, and ``SPLICE_F_MORE`` from ``flags``), ``writev`` where it is refused, until every
+    byte is queued or a non-blocking pipe is full.  Each page queued is dropped in the same C step,
+    locked memory included: it reads as zeros, and writing to it never changes what the reader gets.
     Returns the bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
     followed some progress (it comes next call).  Any exception carries them in ``transferred``
     (missing only if a signal handler raised before anything was sent).
@@ -583,7 +546,7 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
         TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
         ValueError: a closed or memfd buffer, a bad range or flags, a read end.
         BlockingIOError: a non-blocking pipe is full before any page.  BrokenPipeError: no reader.
-        OSError: EBADF: ``fd`` is not a pipe, or not open; EINVAL: locked memory before Linux 5.18.
+        OSError: EBADF: ``fd`` is not a pipe, or not open.
     """
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
@@ -595,13 +558,7 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
                          "(they are shared): send them with handoff(), or gift a PageBuffer(size)")
     if _pipe_access(fd, "gift", os.O_WRONLY, check_pipe=not _use_vmsplice) & os.O_NONBLOCK:
         flags |= SPLICE_F_NONBLOCK  # as os.write would: vmsplice(2) itself ignores O_NONBLOCK
-    if start == stop:
-        return 0
-    if not _dontneed_locked and _is_locked(buf):
-        raise OSError(errno.EINVAL, "gift: the buffer is locked in memory (mlock, mlockall) and this "
-                                    "kernel cannot drop locked pages (MADV_DONTNEED_LOCKED needs "
-                                    "Linux 5.18): unlock it, or copy with os.write")
-    return _transfer(_gift_loop, fd, buf, start, stop - start, flags)
+    return _transfer(_gift_loop, fd, buf, start, stop - start, flags) if stop > start else 0
 
 
 def _transfer(loop: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
@@ -645,7 +602,7 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
             n = step[0]
             progress[0] = (done + max(n, 0), [])  # one store: counted once, whatever interrupts
             if n >= 0:
-                if step[1:] == [-1]:  # not dropped (mlock() after our check, say): replace the pages
+                if step[1:] == [-1]:  # not dropped (locked, and no MADV_DONTNEED_LOCKED): replace them
                     _zero_pages(at, _whole_pages(n))
                 # This step emptied the last of a huge page that an earlier step of this call began (its
                 # first drop split it): drop it whole once more, pages already dropped only, so that
@@ -679,8 +636,8 @@ def _fallback_end(fd: int, access: int, nonblock: bool) -> tuple[Any, int]:
     (/proc/self/fd) that never waits (O_NONBLOCK) or makes no packets (O_DIRECT: a short read drops the
     rest of a packet; vmsplice makes none)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
-    owner: list
-    flags, owner = access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0), []
+    owner: list = []
+    flags = access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0)
     if nonblock or packets:
         with contextlib.suppress(OSError):  # no /proc, no free descriptor: by fd itself
             _c_step(owner, map(_own_fd, _call(os.open, f"/proc/self/fd/{fd}", flags)))
@@ -705,24 +662,22 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags
         OSError: EBADF: ``fd`` is not a pipe, or not open.
     """
     _check_flags(flags, _MOVE_FLAGS, "move")
-    size = _open_size(buf) if isinstance(buf, PageBuffer) else _writable_size(buf)
+    if isinstance(buf, PageBuffer):
+        size = _open_size(buf)
+    else:
+        try:
+            view = memoryview(buf)
+        except TypeError as exc:
+            raise TypeError(f"move's buffer must be a writable bytes-like object ({exc})") from None
+        with view:
+            if view.readonly or not view.c_contiguous:
+                raise TypeError(f"move's buffer must be writable and contiguous; this {type(buf).__name__} "
+                                f"is {'read-only' if view.readonly else 'not contiguous'}")
+            size = view.nbytes
     start, stop = _page_range(size, offset, length, aligned=False)
     if _pipe_access(fd, "move", os.O_RDONLY, check_pipe=not _use_vmsplice) & os.O_NONBLOCK:
         flags |= SPLICE_F_NONBLOCK  # as os.readv would: vmsplice(2) itself ignores O_NONBLOCK
     return _transfer(_move_loop, fd, buf, start, stop - start, flags)
-
-
-def _writable_size(buf: Any) -> int:
-    """The size of ``buf`` if it is a writable, contiguous bytes-like object, else TypeError."""
-    try:
-        view = memoryview(buf)
-    except TypeError as exc:
-        raise TypeError(f"move's buffer must be a writable bytes-like object ({exc})") from None
-    with view:
-        if view.readonly or not view.c_contiguous:
-            raise TypeError(f"move's buffer must be writable and contiguous; this {type(buf).__name__} "
-                            f"is {'read-only' if view.readonly else 'not contiguous'}")
-        return view.nbytes
 
 
 def _move_loop(fd: int, address: int, length: int, flags: int, progress: list) -> int:
@@ -758,11 +713,9 @@ def pipe(size: int | None = None) -> tuple[int, int]:
     """Return ``(read_fd, write_fd)`` of a new close-on-exec pipe of ``size`` bytes (rounded up to a
     power-of-two number of pages), or by default of the largest size allowed (pipe-max-size, or less
     where a per-user limit refuses it).  ValueError outside (0, 2 GiB); OSError EPERM above
-    pipe-max-size without CAP_SYS_RESOURCE."""
-    if size is not None:
-        _check_int("size", size)
-        if not 0 < size < 2**31:  # fcntl() would silently truncate a larger one
-            raise ValueError(f"size must be positive and below 2 GiB, not {size}")
+    pipe-max-size without CAP_SYS_RESOURCE, EMFILE without a free descriptor."""
+    if size is not None and not 0 < _check_int("size", size) < 2**31:  # fcntl() would truncate it
+        raise ValueError(f"size must be positive and below 2 GiB, not {size}")
     want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) if size is None and _LINUX else 0
     ends: list = []  # [(read_fd, write_fd)] from one C step: os.pipe() close-on-exec, since Python 3.4
     closing = map(os.close, itertools.chain.from_iterable(ends))  # built now: the handler only runs it
@@ -786,16 +739,15 @@ def pipe(size: int | None = None) -> tuple[int, int]:
 
 
 # --- Handoff: the pages themselves, to another process -----------------------------------------------
-# Mainline never moves pages through a pipe, but a memfd passed over a Unix socket (SCM_RIGHTS) lets the
-# receiver map the very same page frames.  The seals make the kernel, not a promise, guarantee what the
-# receiver relies on: F_SEAL_SHRINK and F_SEAL_GROW that the size never changes (no SIGBUS), F_SEAL_WRITE
-# that the pages never change, which the kernel refuses while any writable shared mapping exists
-# (mm/memfd.c): so the sender unmaps first.  The memfd's states in ``handoff``, and who owns it:
+# A memfd passed over a Unix socket (SCM_RIGHTS) lets the receiver map the very same page frames.  The
+# seals make the kernel guarantee what the receiver relies on: F_SEAL_SHRINK and F_SEAL_GROW that the size
+# never changes (no SIGBUS), F_SEAL_WRITE that the pages never change, which the kernel refuses while a
+# writable shared mapping exists (mm/memfd.c): the sender unmaps first.  The memfd in ``handoff``:
 #   untouched  ``buf`` maps it and owns it;
-#   unmapped   ``buf`` is closed; ``rescue``, a mapping made before anything changed, holds the pages
-#              and the memfd, so that any exception can give them back (``exc.buffer``);
+#   unmapped   ``buf`` is closed; ``rescue``, mapped before anything changed, holds pages and memfd,
+#              so that any exception can give them back (``exc.buffer``);
 #   sealed     the kernel now refuses what the seals forbid;
-#   sent       the peer owns a descriptor of its own; ``rescue`` lets go: this process holds nothing.
+#   sent       the peer has a descriptor of its own; ``rescue`` lets go: this process holds nothing.
 # Not ``socket.send_fds``/``recv_fds``: their bare descriptor numbers leak if a signal handler raises.
 
 _HANDOFF_HEADER = struct.Struct("=8sQ")  # b"pagemove", size: the wire format
@@ -813,8 +765,8 @@ _level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.part
 
 def _unix_socket(sock: Any, call: str) -> Any:
     """A context manager for ``sock``, checked to be a connected AF_UNIX stream or seqpacket socket:
-    the caller's socket, or for a descriptor a socket of ours on a duplicate, closed on leaving.  Not a
-    generator: one left suspended by a raising handler would clean up in the collector."""
+    the caller's socket, or for a descriptor a socket of ours on a duplicate, closed on leaving (not a
+    generator: one left suspended by a raising handler would clean up in the garbage collector)."""
     if isinstance(sock, socket.socket):
         obj, manager = sock, contextlib.nullcontext(sock)  # type: Any, Any
     elif isinstance(sock, int) and not isinstance(sock, bool):
@@ -830,8 +782,7 @@ def _unix_socket(sock: Any, call: str) -> Any:
         except OSError as exc:
             raise OSError(exc.errno, f"{call}: cannot duplicate descriptor {sock} ({exc.strerror}): close "
                                      f"some descriptors, or pass the socket object") from None
-        obj = owned[0]
-        manager = contextlib.closing(obj)
+        obj, manager = owned[0], contextlib.closing(owned[0])
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
     problem = ("closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket" if obj.family != socket.AF_UNIX
@@ -852,38 +803,32 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
     """Hand the pages of ``buf`` to the process at the other end of ``sock``: nothing is copied.
 
     ``sock``: a connected ``AF_UNIX`` stream or seqpacket socket, or its descriptor; ``buf``: a
-    ``PageBuffer(size, memfd=True)``, or one from ``takeover(..., shared=True)``.  Unmaps ``buf``
-    (closed afterwards), seals its memfd and sends ``struct.pack("=8sQ", b"pagemove", size)`` with the
-    descriptor in ``SCM_RIGHTS``; returns ``len(buf)``, this process then holding neither a mapping nor
-    a descriptor of the pages.  Each ``takeover`` receives one handoff, in order.  ``shared=False``:
-    sealed against shrinking, growing, writing and more seals, so the kernel guarantees the receiver
-    that the pages never change.  ``shared=True``: against shrinking and growing only, for a receiver
-    that trusts this process (its next version), which takes them with ``takeover(sock, shared=True)``
-    and can hand them on again with no copy.
+    ``PageBuffer(size, memfd=True)``, or one from ``takeover(..., shared=True)``.  Unmaps ``buf`` (it is
+    closed), seals its memfd, sends ``struct.pack("=8sQ", b"pagemove", size)`` with the descriptor in
+    ``SCM_RIGHTS`` (one message per handoff) and returns ``len(buf)``: this process then holds no
+    mapping and no descriptor of the pages.  The seals forbid shrinking, growing, writing and more
+    seals, so the receiver can trust that the pages never change; with ``shared=True`` only shrinking
+    and growing, for a receiver that trusts this process: ``takeover(sock, shared=True)`` maps them
+    writable, to hand on again with no copy.
 
-    Raises:
-        TypeError: ``buf`` is not a memfd ``PageBuffer``; ``sock`` is no socket; ``shared`` no bool.
-        ValueError: ``buf`` is closed or a copy-on-write view (a sealed takeover); ``sock`` is not a
-            connected Unix socket.  BufferError: ``buf`` is exported.  These leave ``buf`` as it was.
-        OSError: ``BrokenPipeError`` (the peer has gone), EBUSY (another writable shared mapping
-            stops the seal).  Every exception, a signal handler's included, carries ``transferred``
-            (``len(buf)`` if the pages went, else 0) and ``buffer``: the pages if they did not go and
-            ``buf`` was already closed, else None.  Both are missing only where a handler raised as the
-            call began, or (CPython 3.9/3.10) between its ``try`` and its ``return``: then ``buf``
-            closed means the pages went, open that nothing happened.
+    Raises TypeError, ValueError or BufferError, leaving ``buf`` as it was (not a memfd buffer; closed,
+    a copy-on-write view or exported; ``sock`` not a connected Unix socket), OSError (BrokenPipeError:
+    the peer has gone; EBUSY: another writable mapping stops the seal).  Any exception after those
+    checks, a signal handler's too, carries ``transferred`` (``len(buf)`` if the pages went, else 0)
+    and ``buffer`` (the pages if ``buf`` was closed and they did not go, else None); both are missing
+    only if a handler raised as the call began or, on CPython 3.9/3.10, as it returned (then ``buf``
+    closed means the pages went).
     """
     if not isinstance(buf, PageBuffer) or buf._kind == _PRIVATE:
         raise TypeError(f"handoff needs a PageBuffer(size, memfd=True), not "
                         f"{'a private PageBuffer' if isinstance(buf, PageBuffer) else type(buf).__name__}")
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
-    if buf.closed:
-        raise ValueError("the PageBuffer is closed")
-    if buf._kind == _VIEW:
+    if buf._kind == _VIEW and not buf.closed:
         raise ValueError("handoff: these pages are a private copy-on-write view of a memfd (from a "
                          "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
                          "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
-    size, memfd, rescue = len(buf), buf._memfd, None
+    size, memfd, rescue = _open_size(buf), buf._memfd, None
     sent: list = []  # sendmsg's answer, stored by the C step that sends: "was it sent?" has an answer
     try:
         with _unix_socket(sock, "handoff") as obj:
@@ -895,7 +840,16 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
                 raise BufferError("handoff: a memoryview of the PageBuffer is still exported: release "
                                   "it (view.release(), or leave its with block) first") from None
             buf._memfd = None
-            _seal(memfd.fileno(), _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL)
+            try:
+                fcntl.fcntl(memfd.fileno(), _F_ADD_SEALS, _SIZE_SEALS | (0 if shared else _F_SEAL_WRITE | _F_SEAL_SEAL))
+            except OSError as exc:
+                why = {errno.EBUSY: "another writable shared mapping of these pages exists (another process "
+                                    "mapped the memfd, or holds it from takeover(shared=True)): end it, or "
+                                    "hand such pages off with shared=True",
+                       errno.EPERM: "the memfd's seals are themselves sealed (F_SEAL_SEAL) without these: "
+                                    "hand it off with shared=True"}.get(exc.errno or 0, exc.strerror)
+                raise OSError(exc.errno, f"handoff: the kernel refuses to seal the memfd: {why}; the pages "
+                                         f"are in this exception's buffer") from None
             header, rights = _HANDOFF_HEADER.pack(_HANDOFF_MAGIC, size), struct.pack("i", memfd.fileno())
             try:
                 _c_step(sent, _call(obj.sendmsg, [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
@@ -912,42 +866,25 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
         raise
 
 
-def _seal(fd: int, seals: int) -> None:
-    try:
-        fcntl.fcntl(fd, _F_ADD_SEALS, seals)
-    except OSError as exc:
-        why = {errno.EBUSY: "another writable shared mapping of these pages exists (another process "
-                            "mapped the memfd, or holds it from takeover(shared=True)): end it, or hand "
-                            "such pages off with shared=True",
-               errno.EPERM: "the memfd's seals are themselves sealed (F_SEAL_SEAL) without these: hand "
-                            "it off with shared=True"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
-        raise OSError(exc.errno, f"handoff: the kernel refuses to seal the memfd: {why}; "
-                                 f"the pages are in this exception's buffer") from None
-
-
 def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     """Receive one ``handoff`` from ``sock``; return its pages, the sender's very frames, as a
     ``PageBuffer`` of the announced size (``.memfd`` true).
 
-    A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the frames,
-    writing a page copies that page, and it cannot be handed off again.  With ``shared``, a memfd sealed
-    only against shrinking and growing is mapped shared: writes land in the memfd, and ``handoff`` can
-    pass it on with no copy.  Checked before anything is mapped: one descriptor, a memfd (the kernel
-    says so: no ``/proc`` needed) of the announced size, sealed against shrinking, growing and (unless
-    ``shared``) writing; whatever else arrives is closed.  The message leaves the socket only once
-    its pages are mapped: interrupted before, it is still there.  Threads may share ``sock``: each
-    handoff goes to exactly one.
+    A write-sealed memfd (a default handoff) is mapped private copy-on-write: reading shares the
+    frames, writing a page copies it, and it cannot be handed off again.  With ``shared=True`` a memfd
+    sealed only against shrinking and growing is mapped shared: writes land in the memfd, and
+    ``handoff`` passes it on with no copy.  Checked before anything is mapped: one descriptor, a memfd
+    (as the kernel tells: no ``/proc`` needed) of the announced size, with those seals; whatever else
+    arrives is closed.  The message leaves the socket only once its pages are mapped.  Threads may
+    share ``sock``: each handoff goes to exactly one.
 
-    Raises:
-        EOFError: the peer closed the socket without a handoff.
-        PermissionError: a seal is missing: the sender could still change or truncate the pages.
-        ValueError: a malformed handoff (size, magic, not a memfd, zero or several descriptors);
-            ``sock`` is not a connected Unix socket.  TypeError: ``sock`` is neither a socket nor an
-            int; ``shared`` is no bool.  OSError: EMFILE (no descriptor free to receive into) or
-            ENOMEM (the size cannot be mapped): the handoff stays on the socket.  An exception after the
-            message left the socket (a signal handler's) carries its pages in ``buffer``; any other, None
-            or no ``buffer`` (a handler as the call began: nothing happened; on CPython 3.9/3.10 one
-            between the ``try`` and the ``return`` loses the handoff: README, Limits).
+    Raises EOFError (the peer closed the socket without a handoff), PermissionError (a seal is
+    missing: the sender could still change or truncate the pages), ValueError (a malformed handoff:
+    size, magic, not a memfd, not one descriptor; ``sock`` not a connected Unix socket), TypeError,
+    OSError (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot be mapped; the
+    handoff stays queued).  A signal handler's exception after the message left carries its pages in
+    ``buffer`` (None before: the message is still queued; on CPython 3.9/3.10 one raised as the call
+    returns loses the handoff: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
@@ -956,7 +893,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
         with _unix_socket(sock, "takeover") as obj:
             _reserve_descriptors(obj)
             while not state["taken"]:
-                _take(obj, shared, state)
+                obj.recv(1, socket.MSG_PEEK)  # waits (as the socket's timeout says), takes and installs nothing
+                with _take_lock:
+                    _take(obj, shared, state)
             return state["pages"]
     except BaseException as exc:  # calls nothing (see "The C step"): only stores
         pages = state["pages"]  # taken off the socket and mapped: the pages go with the exception
@@ -965,25 +904,17 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
         raise
 
 
-# One thread at a time from its look at a message to its take, so that what it took is what it
-# looked at and mapped (else a handler raising before the re-check below would give another's pages
-# and close its own).  From 3.11 ``with`` a C lock cannot be left held: the handler runs inside the
-# block; 3.9 and 3.10 could leave it held (between POP_BLOCK and the exit) and hang every later
-# takeover, so there threads that share a socket keep that window (README, Limits).
+# One thread at a time from its look at a message to its take, so that what it takes is what it mapped
+# (else a handler raising before the re-check in _take could give another's pages and close its own).
+# From 3.11 ``with`` cannot leave a C lock held; 3.9 and 3.10 could (between POP_BLOCK and the exit),
+# hanging every later takeover, so there threads that share a socket keep that window (README, Limits).
 _take_lock: Any = threading.Lock() if sys.version_info >= (3, 11) else contextlib.nullcontext()
 
 
 def _take(obj: socket.socket, shared: bool, state: dict) -> None:
-    """Wait for a message; then, under ``_take_lock``, peek at it (a peek gets duplicates of its
-    descriptors), check it, map its memfd and take it off the socket in one C step: before that the
-    handoff is on the socket, after it in ``state``: ``taken`` (recvmsg's answer, the owners), ``pages``
-    at ``address``, ``mapped``."""
-    obj.recv(1, socket.MSG_PEEK)  # waits, as the socket's timeout says; takes nothing, installs no descriptor
-    with _take_lock:
-        _take_locked(obj, shared, state)
-
-
-def _take_locked(obj: socket.socket, shared: bool, state: dict) -> None:
+    """Peek at a message (a peek gets duplicates of its descriptors), check it, map its memfd and take
+    it off the socket in one C step: before that the handoff is on the socket, after it in ``state``:
+    ``taken`` (recvmsg's answer, the owners), ``pages`` at ``address``, ``mapped`` (mmap's answer)."""
     peeked: list = []
     try:
         _receive(obj, socket.MSG_PEEK | socket.MSG_DONTWAIT, peeked)
@@ -1025,7 +956,7 @@ def _map_into(state: dict, memfd: Any, kind: str, size: int) -> None:
 
 
 def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
-    """A message checked: (the memfd's owner, how to map it, its size); raises if it is rejected."""
+    """A message checked: (the memfd's owner, _SHARED or _VIEW, its size); raises if it is rejected."""
     (data, _, msg_flags, _), owners = received[0], received[1:]
     rights = _rights(received[:1], owners)
     if not data and not owners:
@@ -1036,8 +967,21 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
         raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
     if len(rights) != 1:
         raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(rights)}")
-    size = _HANDOFF_HEADER.unpack(data)[1]
-    return rights[0], _memfd_kind(rights[0].fileno(), size, shared), size
+    size, info = _HANDOFF_HEADER.unpack(data)[1], os.fstat(rights[0].fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
+        what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(rights[0].fileno())
+        raise ValueError(f"takeover: the descriptor received is {what}, not a memfd of shmem (memfd_create "
+                         f"without MFD_HUGETLB)")
+    seals = fcntl.fcntl(rights[0].fileno(), _F_GET_SEALS)
+    needed = {_F_SEAL_SHRINK: "F_SEAL_SHRINK", _F_SEAL_GROW: "F_SEAL_GROW", _F_SEAL_WRITE: "F_SEAL_WRITE"}
+    names = [name for bit, name in needed.items() if not seals & bit and (bit != _F_SEAL_WRITE or not shared)]
+    if names:
+        raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
+                                           f"could still change or truncate the pages")
+    if size != info.st_size or size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {info.st_size} "
+                         f"(both must agree, a positive multiple of {PAGE_SIZE})")
+    return rights[0], _VIEW if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else _SHARED, size
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
@@ -1057,7 +1001,6 @@ def _reserve_descriptors(obj: socket.socket) -> None:
         raise OSError(exc.errno, f"takeover: no free file descriptor to receive the memfd into "
                                  f"({errno.errorcode.get(exc.errno or 0, exc.errno)}): close some, or raise "
                                  f"RLIMIT_NOFILE; the handoff is still queued on the socket") from None
-    spare.clear()
 
 
 def _receive(obj: socket.socket, flags: int, into: list) -> None:
@@ -1082,25 +1025,6 @@ def _rights(replies: list, owners: list) -> list:
                 found += owners[at:at + n] if kind == socket.SCM_RIGHTS else []
                 at += n
     return found
-
-
-def _memfd_kind(fd: int, size: int, shared: bool) -> str:
-    """Check a received descriptor; return how to map it: _SHARED or _VIEW."""
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
-        what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(fd)
-        raise ValueError(f"takeover: the descriptor received is {what}, not a memfd of shmem (memfd_create "
-                         f"without MFD_HUGETLB)")
-    seals = fcntl.fcntl(fd, _F_GET_SEALS)
-    needed = {_F_SEAL_SHRINK: "F_SEAL_SHRINK", _F_SEAL_GROW: "F_SEAL_GROW", _F_SEAL_WRITE: "F_SEAL_WRITE"}
-    names = [name for bit, name in needed.items() if not seals & bit and (bit != _F_SEAL_WRITE or not shared)]
-    if names:
-        raise PermissionError(errno.EPERM, f"takeover: the memfd lacks {', '.join(names)}: the sender "
-                                           f"could still change or truncate the pages")
-    if size != info.st_size or size <= 0 or size % PAGE_SIZE:
-        raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {info.st_size} "
-                         f"(both must agree, a positive multiple of {PAGE_SIZE})")
-    return _VIEW if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else _SHARED
 
 
 # --- Detection: observe, never infer from a version number --------------------------------------------
@@ -1141,21 +1065,31 @@ def probe(refresh: bool = False) -> Support:
     It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
     across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself, and reads the
     settings: never from a version number, leaving nothing behind, raising nothing for what the system
-    lacks.  Findings that needed a descriptor when none was free (EMFILE) are None, and that record is
-    not cached: the next call looks again."""
+    lacks.  Findings that needed a descriptor when none was free (EMFILE) are None, and such a record
+    is not cached: the next call looks again."""
     global _probe_cache
     with _probe_lock:
         if _probe_cache is None or refresh:
+            notes: list = []  # one sentence per finding
             starved: list = []  # EMFILE or ENFILE met: a passing shortage, not a fact to keep
-            support = _observe(starved)
+            works, zero_copy, moved = _observe_vmsplice(notes, starved)
+            handed = _observe_handoff(notes, starved)
+            thp, size = (_setting(path, notes, starved) for path in (_THP + "enabled", "/proc/sys/fs/pipe-max-size"))
+            mode = "unknown" if thp is None else _thp_mode("", thp)
+            if mode != "unknown":
+                notes.append(f"Transparent huge pages are {'unavailable' if mode == 'unavailable' else 'in mode ' + repr(mode)}.")
+            max_size = int(size) if size and size.isdigit() else None
+            if max_size:
+                notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
+            support = Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
             if starved:
                 return support
             _probe_cache = support
         return _probe_cache
 
 
-def _untried(what: str, exc: OSError, notes: list, starved: list) -> Any:
-    """Note why ``what`` ("Handoff could not be tried") failed; return None, the finding unknown."""
+def _untried(what: str, exc: OSError, notes: list, starved: list) -> None:
+    """Note why ``what`` ("Handoff could not be tried") failed: the finding is unknown (None)."""
     if exc.errno in _NO_FD:
         starved.append(exc.errno)
     notes.append(f"{what}: {_NO_FD.get(exc.errno or 0) or exc}.")
@@ -1168,22 +1102,7 @@ def _setting(path: str, notes: list, starved: list) -> str | None:
         with open(path) as f:
             return f.read().strip()
     except OSError as exc:
-        return _untried(f"{path} could not be read", exc, notes, starved) if exc.errno in _NO_FD else ""
-
-
-def _observe(starved: list) -> Support:  # probe's work, uncached
-    notes: list = []
-    works, zero_copy, moved = _observe_vmsplice(notes, starved)
-    handed = _observe_handoff(notes, starved)
-    text, size = (_setting(path, notes, starved) for path in (_THP + "enabled", "/proc/sys/fs/pipe-max-size"))
-    mode = "unknown" if text is None else _thp_mode("", text)
-    if mode != "unknown":
-        notes.append(f"Transparent huge pages are in mode {mode!r}." if mode != "unavailable"
-                     else "Transparent huge pages are unavailable.")
-    max_size = int(size) if size and size.isdigit() else None
-    if max_size:
-        notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
-    return Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
+        return "" if exc.errno not in _NO_FD else _untried(f"{path} could not be read", exc, notes, starved)
 
 
 def _frame(buf: PageBuffer, unread: list, offset: int = 0) -> int:
@@ -1208,6 +1127,7 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
     except OSError as exc:
         return _untried("vmsplice could not be tried", exc, notes, starved), None, None
     unread: list = []  # why pagemap could not be read
+    frames: list = []  # the gifted page's, the destination's before and after the move
     try:
         with PageBuffer(PAGE_SIZE) as src, PageBuffer(PAGE_SIZE) as dst:
             src[:8] = b"original"
@@ -1222,30 +1142,27 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
             notes.append("vmsplice works. " + ("Queued pages are the writer's own: a write after "
                          "vmsplice changed the queued data, so gift must drop them." if zero_copy
                          else "vmsplice copied the pages when it queued them."))
-            src[:8] = b"gifted.."
-            dst[:8] = b"resident"  # fault the destination in: a move must replace its frame
-            gifted, before = _frame(src, unread), _frame(dst, unread)
-            if unread:
-                return True, zero_copy, _untried("Page moves could not be checked", unread[0], notes, starved)
-            if not gifted or not before:
-                notes.append("Page moves could not be checked: page frame numbers are hidden without "
-                             "CAP_SYS_ADMIN.")
-                return True, zero_copy, None
-            if gift(w, src) != PAGE_SIZE or move(r, dst) != PAGE_SIZE or dst[:8] != b"gifted..":
-                notes.append("Page moves could not be checked: the gifted page did not arrive.")
-                return True, zero_copy, None
-            after = _frame(dst, unread)
+            src[:8], dst[:8] = b"gifted..", b"resident"  # the destination faulted in: a move replaces it
+            frames = [_frame(src, unread), _frame(dst, unread)]
+            if all(frames) and gift(w, src) == PAGE_SIZE and move(r, dst) == PAGE_SIZE and dst[:8] == b"gifted..":
+                frames.append(_frame(dst, unread))
     finally:
         _c_step([], map(os.close, (r, w)))
     if unread:
         return True, zero_copy, _untried("Page moves could not be checked", unread[0], notes, starved)
-    if after == gifted:
+    if not all(frames):
+        notes.append("Page moves could not be checked: page frame numbers are hidden without CAP_SYS_ADMIN.")
+    elif len(frames) < 3:
+        notes.append("Page moves could not be checked: the gifted page did not arrive.")
+    elif frames[2] == frames[0]:
         notes.append("The reader received the gifted page itself: vmsplice moves pages here.")
         return True, zero_copy, True
-    kept = "kept its frame" if after == before else f"got frame {after:#x}"
-    notes.append(f"The reader got a copy: the destination page {kept}, and the gifted frame {gifted:#x} "
-                 "never appeared there (vmsplice copies into user memory, as mainline Linux does).")
-    return True, zero_copy, False
+    else:
+        kept = "kept its frame" if frames[2] == frames[1] else f"got frame {frames[2]:#x}"
+        notes.append(f"The reader got a copy: the destination page {kept}, and the gifted frame {frames[0]:#x} "
+                     "never appeared there (vmsplice copies into user memory, as mainline Linux does).")
+        return True, zero_copy, False
+    return True, zero_copy, None
 
 
 def _observe_handoff(notes: list, starved: list) -> bool | None:
