@@ -94,7 +94,7 @@ _F_ADD_SEALS, _F_GET_SEALS = _constants(fcntl, F_ADD_SEALS=1033, F_GET_SEALS=103
 _F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE, _F_SEAL_FUTURE_WRITE = _constants(
     fcntl, F_SEAL_SEAL=1, F_SEAL_SHRINK=2, F_SEAL_GROW=4, F_SEAL_WRITE=8, F_SEAL_FUTURE_WRITE=16)  # 3.13
 _MAP_FIXED, _RW = 0x10, mmap.PROT_READ | mmap.PROT_WRITE
-_THP = "/sys/kernel/mm/transparent_hugepage/"
+_THP, _PIPE_MAX_SIZE = "/sys/kernel/mm/transparent_hugepage/", "/proc/sys/fs/pipe-max-size"
 
 # --- The libc binding: argtypes and restype set once --------------------------------------------------
 # struct iovec {void *iov_base; size_t iov_len;} as bytes, passed as a pointer: cheaper than a Structure.
@@ -248,8 +248,12 @@ class PageBuffer(mmap.mmap, metaclass=_OwnHelp):
         self = cls._placeholder(rounded)
         if memfd:
             self._adopt(_new_memfd(rounded), _SHARED)
-        if huge:  # private memory: huge means chosen (THP mode never: advised all the same)
-            self._huge = _make_huge(self, advice or _MADV_HUGEPAGE) if advice or not memfd else False
+        if huge and (advice or not memfd):  # private memory: advised all the same where THP is never
+            with contextlib.suppress(OSError):  # refused (PR_SET_THP_DISABLE, MADV_NOHUGEPAGE): plain pages
+                for pos in range(0, rounded, _HUGE_PAGE_SIZE) if advice == _MADV_COLLAPSE else ():
+                    self[pos] = 0  # MADV_COLLAPSE collapses what is there: a byte per huge page
+                self.madvise(advice or _MADV_HUGEPAGE)
+                self._huge = True  # MADV_HUGEPAGE: at first touch
         return self
 
     @classmethod
@@ -336,18 +340,6 @@ def _huge_advice(memfd: bool) -> int | None:
         return None if _thp_mode("enabled") in ("never", "unavailable") else _MADV_HUGEPAGE
     mode = _thp_mode("shmem_enabled")
     return None if mode in ("deny", "unavailable") else _MADV_COLLAPSE if mode == "never" else _MADV_HUGEPAGE
-
-
-def _make_huge(buf: PageBuffer, advice: int) -> bool:
-    """Ask for huge pages; whether the memory got them (MADV_HUGEPAGE: will, at first touch)."""
-    try:
-        if advice == _MADV_COLLAPSE:  # it collapses what is there: one written byte per huge page
-            for pos in range(0, len(buf), _HUGE_PAGE_SIZE):
-                buf[pos] = 0
-        buf.madvise(advice)
-        return True
-    except OSError:  # refused (PR_SET_THP_DISABLE, MADV_NOHUGEPAGE), no memory, not built in: plain pages
-        return False
 
 
 def _new_memfd(size: int) -> Any:
@@ -495,12 +487,8 @@ def vmsplice(fd: int, buffers: Sequence[Any], flags: int = 0) -> int:
 # Each call is a loop of C steps (see "The C step").  A gift's step: the system call, its count stored,
 # then the madvise that drops the whole pages it queued; a move's: the call and its count.  The count
 # so far is one record, ``progress[0] = (bytes before this step, the list this step stores into)``,
-# replaced whole by one store after each step: at any point an exception handler finds the bytes
-# moved exact, those before the step plus the step's own count once it is stored.
-
-# Cleared for the process the first time vmsplice answers ENOSYS or EPERM (gVisor, seccomp): gift and
-# move copy from then on.
-_use_vmsplice = _vmsplice_fn is not None
+# replaced whole by one store after each step: an exception handler finds the bytes moved exact.
+_use_vmsplice = _vmsplice_fn is not None  # False from the first ENOSYS or EPERM (gVisor, seccomp) on
 _SANDBOX_ERRNOS = (errno.ENOSYS, errno.EPERM)
 _is_positive = (0).__lt__
 _whole_pages = functools.partial(operator.and_, ~_PAGE_MASK)  # a count rounded down to whole pages
@@ -540,13 +528,10 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
     locked memory included: it reads as zeros, and writing to it never changes what the reader gets.
     Returns the bytes gifted, whole pages: short only on a full non-blocking pipe, or when an error
     followed some progress (it comes next call).  Any exception carries them in ``transferred``
-    (missing only if a signal handler raised before anything was sent).
-
-    Raises:
-        TypeError: ``buf`` is not a ``PageBuffer``; an argument is not an int.
-        ValueError: a closed or memfd buffer, a bad range or flags, a read end.
-        BlockingIOError: a non-blocking pipe is full before any page.  BrokenPipeError: no reader.
-        OSError: EBADF: ``fd`` is not a pipe, or not open.
+    (missing only if a signal handler raised before anything was sent).  Raises TypeError (``buf``
+    not a ``PageBuffer``, an argument not an int), ValueError (a closed or memfd buffer, a bad range
+    or flags, a read end), BlockingIOError (a non-blocking pipe full before any page),
+    BrokenPipeError (no reader), OSError (EBADF: ``fd`` is not a pipe, or not open).
     """
     if not isinstance(buf, PageBuffer):
         raise TypeError(f"gift needs a PageBuffer (private anonymous memory), not "
@@ -562,8 +547,7 @@ def gift(fd: int, buf: PageBuffer, offset: int = 0, length: int | None = None, *
 
 
 def _transfer(loop: Any, fd: int, buf: Any, start: int, length: int, flags: int) -> int:
-    """Run gift's or move's ``loop`` over ``buf[start:start+length]``, ``buf`` exported meanwhile;
-    an exception leaving carries the bytes moved in ``transferred``."""
+    """Run ``loop`` over ``buf[start:start+length]`` (pinned); an exception carries ``transferred``."""
     progress: list = [(0, [])]  # (bytes before this step, this step's list): see above
     try:
         try:
@@ -604,10 +588,9 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
             if n >= 0:
                 if step[1:] == [-1]:  # not dropped (locked, and no MADV_DONTNEED_LOCKED): replace them
                     _zero_pages(at, _whole_pages(n))
-                # This step emptied the last of a huge page that an earlier step of this call began (its
-                # first drop split it): drop it whole once more, pages already dropped only, so that
-                # where the kernel then frees the empty page table (CONFIG_PT_RECLAIM, seen on 6.18)
-                # the refill takes one huge-page fault, not 512.  Elsewhere it costs one madvise.
+                # This step emptied the last of a huge page an earlier step began (and so split): drop
+                # it whole once more, pages already dropped only: where the kernel then frees the empty
+                # page table (CONFIG_PT_RECLAIM, 6.18) the refill takes one huge-page fault, not 512.
                 whole = at & -huge
                 if address <= whole < at and at + n >= whole + huge:
                     _madvise_fn(whole, huge, advice)
@@ -624,7 +607,7 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
 
 
 def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> tuple[Any, int]:
-    """vmsplice was refused (ENOSYS, EPERM): copy from now on, here and process-wide (_fallback_end)."""
+    """vmsplice was refused (ENOSYS, EPERM): copy from now on, in this process."""
     global _use_vmsplice
     _use_vmsplice = False
     _pipe_access(fd, call, access, check_pipe=True)
@@ -633,8 +616,7 @@ def _copy_from_now_on(fd: int, call: str, access: int, nonblock: bool) -> tuple[
 
 def _fallback_end(fd: int, access: int, nonblock: bool) -> tuple[Any, int]:
     """The copy fallback's way to ``fd``'s pipe: ``(None, fd)``, or ``(owner, descriptor)`` of its own
-    (/proc/self/fd) that never waits (O_NONBLOCK) or makes no packets (O_DIRECT: a short read drops the
-    rest of a packet; vmsplice makes none)."""
+    (/proc/self/fd) that never waits (O_NONBLOCK) or makes no packets (O_DIRECT; vmsplice makes none)."""
     packets = access == os.O_WRONLY and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
     owner: list = []
     flags = access | os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0)
@@ -652,14 +634,10 @@ def move(fd: int, buf: Any, offset: int = 0, length: int | None = None, *, flags
     ``readv`` where it is refused, until ``length`` bytes came or every writer closed the pipe.  A
     page-aligned range of a ``PageBuffer`` is what a kernel that moves pages would move; mainline Linux
     copies.  Returns the bytes received: ``length``, or fewer at end of file (0: nothing left), from a
-    non-blocking pipe that ran dry, or when an error followed some progress.  Exceptions carry
-    ``transferred`` as gift's.
-
-    Raises:
-        TypeError: ``buf`` is read-only, not contiguous or not bytes-like.
-        ValueError: a closed buffer, a bad range or flags, a write end.
-        BlockingIOError: a non-blocking pipe is empty before any byte.
-        OSError: EBADF: ``fd`` is not a pipe, or not open.
+    non-blocking pipe that ran dry, or when an error followed some progress; exceptions carry
+    ``transferred`` as gift's.  Raises TypeError (``buf`` read-only, not contiguous or not bytes-like),
+    ValueError (a closed buffer, a bad range or flags, a write end), BlockingIOError (a non-blocking
+    pipe empty before any byte), OSError (EBADF: ``fd`` is not a pipe, or not open).
     """
     _check_flags(flags, _MOVE_FLAGS, "move")
     if isinstance(buf, PageBuffer):
@@ -716,7 +694,7 @@ def pipe(size: int | None = None) -> tuple[int, int]:
     pipe-max-size without CAP_SYS_RESOURCE, EMFILE without a free descriptor."""
     if size is not None and not 0 < _check_int("size", size) < 2**31:  # fcntl() would truncate it
         raise ValueError(f"size must be positive and below 2 GiB, not {size}")
-    want = int(_read_setting("/proc/sys/fs/pipe-max-size", "0") or 0) if size is None and _LINUX else 0
+    want = int(_read_setting(_PIPE_MAX_SIZE, "0") or 0) if size is None and _LINUX else 0
     ends: list = []  # [(read_fd, write_fd)] from one C step: os.pipe() close-on-exec, since Python 3.4
     closing = map(os.close, itertools.chain.from_iterable(ends))  # built now: the handler only runs it
     try:
@@ -829,6 +807,7 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
                          "default takeover, a failed handoff, or inherited by a fork): copy them into a new "
                          "PageBuffer(size, memfd=True) to send them on, or take them with shared=True")
     size, memfd, rescue = _open_size(buf), buf._memfd, None
+    seals = _SIZE_SEALS if shared else _SIZE_SEALS | _F_SEAL_WRITE | _F_SEAL_SEAL
     sent: list = []  # sendmsg's answer, stored by the C step that sends: "was it sent?" has an answer
     try:
         with _unix_socket(sock, "handoff") as obj:
@@ -841,7 +820,7 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
                                   "it (view.release(), or leave its with block) first") from None
             buf._memfd = None
             try:
-                fcntl.fcntl(memfd.fileno(), _F_ADD_SEALS, _SIZE_SEALS | (0 if shared else _F_SEAL_WRITE | _F_SEAL_SEAL))
+                fcntl.fcntl(memfd.fileno(), _F_ADD_SEALS, seals)
             except OSError as exc:
                 why = {errno.EBUSY: "another writable shared mapping of these pages exists (another process "
                                     "mapped the memfd, or holds it from takeover(shared=True)): end it, or "
@@ -893,7 +872,7 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
         with _unix_socket(sock, "takeover") as obj:
             _reserve_descriptors(obj)
             while not state["taken"]:
-                obj.recv(1, socket.MSG_PEEK)  # waits (as the socket's timeout says), takes and installs nothing
+                obj.recv(1, socket.MSG_PEEK)  # waits (as the socket's timeout says), takes nothing
                 with _take_lock:
                     _take(obj, shared, state)
             return state["pages"]
@@ -1074,22 +1053,24 @@ def probe(refresh: bool = False) -> Support:
             starved: list = []  # EMFILE or ENFILE met: a passing shortage, not a fact to keep
             works, zero_copy, moved = _observe_vmsplice(notes, starved)
             handed = _observe_handoff(notes, starved)
-            thp, size = (_setting(path, notes, starved) for path in (_THP + "enabled", "/proc/sys/fs/pipe-max-size"))
+            thp, size = (_setting(path, notes, starved) for path in (_THP + "enabled", _PIPE_MAX_SIZE))
             mode = "unknown" if thp is None else _thp_mode("", thp)
             if mode != "unknown":
-                notes.append(f"Transparent huge pages are {'unavailable' if mode == 'unavailable' else 'in mode ' + repr(mode)}.")
+                notes.append("Transparent huge pages are unavailable." if mode == "unavailable"
+                             else f"Transparent huge pages are in mode {mode!r}.")
             max_size = int(size) if size and size.isdigit() else None
             if max_size:
                 notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
-            support = Support(works, zero_copy, moved, handed, mode, max_size, os.uname().release, " ".join(notes))
+            kernel = os.uname().release
+            support = Support(works, zero_copy, moved, handed, mode, max_size, kernel, " ".join(notes))
             if starved:
                 return support
             _probe_cache = support
         return _probe_cache
 
 
-def _untried(what: str, exc: OSError, notes: list, starved: list) -> None:
-    """Note why ``what`` ("Handoff could not be tried") failed: the finding is unknown (None)."""
+def _untried(what: str, exc: OSError, notes: list, starved: list) -> Any:
+    """Note why ``what`` ("Handoff could not be tried") failed; return None, the finding unknown."""
     if exc.errno in _NO_FD:
         starved.append(exc.errno)
     notes.append(f"{what}: {_NO_FD.get(exc.errno or 0) or exc}.")
@@ -1144,7 +1125,8 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
                          else "vmsplice copied the pages when it queued them."))
             src[:8], dst[:8] = b"gifted..", b"resident"  # the destination faulted in: a move replaces it
             frames = [_frame(src, unread), _frame(dst, unread)]
-            if all(frames) and gift(w, src) == PAGE_SIZE and move(r, dst) == PAGE_SIZE and dst[:8] == b"gifted..":
+            if all(frames) and gift(w, src) == PAGE_SIZE and move(r, dst) == PAGE_SIZE \
+                    and dst[:8] == b"gifted..":
                 frames.append(_frame(dst, unread))
     finally:
         _c_step([], map(os.close, (r, w)))
@@ -1159,8 +1141,9 @@ def _observe_vmsplice(notes: list, starved: list) -> tuple[bool | None, bool | N
         return True, zero_copy, True
     else:
         kept = "kept its frame" if frames[2] == frames[1] else f"got frame {frames[2]:#x}"
-        notes.append(f"The reader got a copy: the destination page {kept}, and the gifted frame {frames[0]:#x} "
-                     "never appeared there (vmsplice copies into user memory, as mainline Linux does).")
+        notes.append(f"The reader got a copy: the destination page {kept}, and the gifted frame "
+                     f"{frames[0]:#x} never appeared there (vmsplice copies into user memory, as mainline "
+                     "Linux does).")
         return True, zero_copy, False
     return True, zero_copy, None
 
