@@ -2443,8 +2443,8 @@ def test_threads_taking_over_from_one_socket_take_each_handoff_exactly_once(kind
 # -- locked memory ---------------------------------------------------------------------------------
 #
 # mlock()ed and mlockall()ed pages are gifted and dropped like any others (MADV_DONTNEED_LOCKED,
-# Linux 5.18); on a kernel without it, the drop fails and gift maps fresh zero pages over the gifted
-# ones.  Each case runs in a child of its own, which locks its memory.
+# Linux 5.18); on a kernel without it, where MADV_DONTNEED refuses locked pages, gift unlocks the
+# range first.  Each case runs in a child of its own, which locks its memory.
 
 
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
@@ -2504,8 +2504,7 @@ def test_gift_of_locked_memory_on_an_old_kernel_replaces_the_pages(how):
 
 
 def _locked_gift_without_proc(how):
-    """As before Linux 5.18, and with no /proc: the kernel refuses to drop the locked pages, and gift
-    replaces them with zero pages: the promise holds."""
+    """As before Linux 5.18 (MADV_DONTNEED refuses locked pages), and with no /proc: the promise holds."""
     child_watchdog(60)
     unavailable = _without_proc()
     if unavailable:

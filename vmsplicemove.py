@@ -125,6 +125,7 @@ _vmsplice_fn = _bind(_libc, "vmsplice", ctypes.c_ssize_t, _c_int, _c_ptr, _c_siz
 _writev_fn = _bind(_libc, "writev", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _readv_fn = _bind(_libc, "readv", ctypes.c_ssize_t, _c_int, _c_ptr, _c_int)
 _mmap_fn = _bind(_libc, "mmap", _c_ptr, _c_ptr, _c_size, _c_int, _c_int, _c_int, ctypes.c_long)
+_munlock_fn = _bind(_libc, "munlock", _c_int, _c_ptr, _c_size)
 _madvise_fn = _bind(_libc_handle(False), "madvise", _c_int, _c_ptr, _c_size, _c_int)  # see "The C step"
 
 
@@ -497,7 +498,7 @@ with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as _p
     try:  # whether madvise knows MADV_DONTNEED_LOCKED (Linux 5.18)
         _page.madvise(_MADV_DONTNEED_LOCKED)
         _dontneed_locked = _LINUX
-    except OSError:  # where it does not, a locked page the drop refuses is replaced by a zero page
+    except OSError:  # then gift unlocks what it gifts: MADV_DONTNEED refuses locked pages
         _dontneed_locked = False
 
 
@@ -573,6 +574,8 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
     advice = _MADV_DONTNEED_LOCKED if _dontneed_locked else _MADV_DONTNEED
     huge = _HUGE_PAGE_SIZE
     own, out = (None, fd) if vmsplicing else _fallback_end(fd, os.O_WRONLY, nonblock)
+    if not _dontneed_locked:  # before Linux 5.18 a locked page cannot be dropped: unlock them first
+        _munlock_fn(address, length)
     try:
         while progress[0][0] < length:
             done, step = progress[0]
@@ -586,7 +589,7 @@ def _gift_loop(fd: int, address: int, length: int, flags: int, progress: list) -
             n = step[0]
             progress[0] = (done + max(n, 0), [])  # one store: counted once, whatever interrupts
             if n >= 0:
-                if step[1:] == [-1]:  # not dropped (locked, and no MADV_DONTNEED_LOCKED): replace them
+                if step[1:] == [-1]:  # not dropped (locked by another thread meanwhile): replace them
                     _zero_pages(at, _whole_pages(n))
                 # This step emptied the last of a huge page an earlier step began (and so split): drop
                 # it whole once more, pages already dropped only: where the kernel then frees the empty
