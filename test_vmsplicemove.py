@@ -2534,7 +2534,7 @@ def _locked_gift_without_proc(how):
 
 
 @pytest.mark.parametrize("how", ["mlockall", "mlock"])
-def test_gift_of_locked_memory_on_an_old_kernel_without_proc_replaces_the_pages(how):
+def test_gift_of_locked_memory_on_an_old_kernel_without_proc_drops_the_pages(how):
     unavailable, found = in_child(_locked_gift_without_proc, how, timeout=60)
     if unavailable:
         pytest.skip(unavailable)
