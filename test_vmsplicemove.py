@@ -2508,6 +2508,66 @@ def test_gift_of_locked_memory_on_an_old_kernel_drops_the_pages(how, kernel):
     assert outcome == "gifted"
 
 
+def _locked_gift_storm(seed, how, wanted):
+    """Locked memory on a kernel without MADV_DONTNEED_LOCKED, gifted under a raising storm: after
+    every gift, returned or interrupted, the pages it queued read zeros and a later write never
+    reaches the reader.  Runs until ``wanted`` gifts were cut after queueing something."""
+    rng = random.Random(seed)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+    vm._dontneed_locked = False  # as before Linux 5.18: MADV_DONTNEED refuses locked pages
+    if how == "mlockall" and libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall")
+    armed = [False]
+
+    def handler(signum, frame):
+        while armed[0] and frame is not None:
+            if frame.f_code.co_filename == vm.__file__:
+                raise KeyboardInterrupt
+            frame = frame.f_back
+
+    signal.signal(signal.SIGALRM, handler)
+    r, w = vm.pipe(1 << 20)
+    buf = vm.PageBuffer(4 * PAGE)
+    out = {"gifts": 0, "cut after queueing": 0, "bad": []}
+    start = time.monotonic()
+    while out["cut after queueing"] < wanted and time.monotonic() - start < 40:
+        if how == "mlock" and libc.mlock(buf.address, len(buf)) != 0:
+            raise OSError(ctypes.get_errno(), "mlock")
+        buf[:] = b"A" * len(buf)
+        armed[0], cut = True, False
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 1e-4), 5e-5)
+        try:
+            vm.gift(w, buf)
+        except KeyboardInterrupt:
+            cut = True
+        finally:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        out["gifts"] += 1
+        queued = _fionread(r)
+        out["cut after queueing"] += cut and queued > 0
+        zeros = buf[:queued] == bytes(queued)
+        buf[:] = b"X" * len(buf)  # after the gift: must not reach the reader
+        intact = read_exactly(r, queued) == b"A" * queued
+        if not (zeros and intact):
+            out["bad"].append((out["gifts"], queued, zeros, intact))
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    out["seconds"] = round(time.monotonic() - start, 1)
+    return out
+
+
+@pytest.mark.stability
+@pytest.mark.parametrize("how", ["mlockall", "mlock"])
+def test_gift_of_locked_memory_on_an_old_kernel_under_a_raising_storm_keeps_the_promise(how):
+    seed = _storm_seed()
+    out = in_child(_locked_gift_storm, seed, how, 200, timeout=90)
+    assert not out["bad"], f"seed {seed}: {out}"
+    assert out["cut after queueing"] >= 200, f"seed {seed}: the storm cut too few gifts {out}"
+
+
 def _locked_gift_without_proc(how):
     """As before Linux 5.18 (MADV_DONTNEED refuses locked pages), and with no /proc: the promise holds."""
     child_watchdog(60)
@@ -2804,7 +2864,7 @@ def test_pipe_above_the_limit_is_refused_without_leaking():
         if caps & (1 << 24):
             pytest.skip("CAP_SYS_RESOURCE lifts pipe-max-size")
     before = open_fds()
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="pipe-max-size .* CAP_SYS_RESOURCE"):
         vm.pipe(pipe_max_size() * 2)
     assert open_fds() == before
 
@@ -3403,6 +3463,20 @@ def _hostile_socket(size, data):
     return [fd], [fd]
 
 
+def _reopened(access, seals=S_SHRINK | S_GROW | S_WRITE):
+    """A sealed memfd sent as another description of it, opened ``access`` (O_WRONLY, O_PATH...)."""
+    def make(size, data):
+        fd = sealed_memfd(size, seals, data)
+        try:
+            other = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Unavailable("no /proc to reopen the memfd") from None
+        finally:
+            os.close(fd)
+        return [other], [other]
+    return make
+
+
 def _memfds(count, seals=S_SHRINK | S_GROW | S_WRITE, size_of=None, sealing=True):
     def make(size, data):
         n = size if size_of is None else size_of
@@ -3434,6 +3508,8 @@ HOSTILE = {  # what a hostile sender sends: (data, descriptors, the refusal)
     "a regular file": (_OK, _hostile_file, ValueError),
     "a tmpfs file": (_OK, _hostile_tmpfs, ValueError),
     "a socket": (_OK, _hostile_socket, ValueError),
+    "a memfd open write-only": (_OK, _reopened(os.O_WRONLY), ValueError),
+    "a memfd open O_PATH": (_OK, _reopened(os.O_PATH), ValueError),
 }
 
 
@@ -3461,6 +3537,36 @@ def test_takeover_refuses_a_hostile_sender_and_keeps_nothing(case, kind):
             os.close(fd)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("access", ["O_RDONLY", "O_WRONLY", "O_PATH"])
+def test_a_handoff_that_cannot_be_mapped_is_refused_and_the_next_one_arrives(access):
+    """A shared handoff's memfd sent open read-only cannot be mapped writable, nor one open
+    write-only or O_PATH at all: takeover(shared=True) says so, and the message leaves the socket
+    (no retry could map it), so the next handoff arrives.  A sealed one open read-only maps."""
+    try:
+        sent, _ = _reopened(getattr(os, access), S_SHRINK | S_GROW)(PAGE, b"")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    a, b = unix_pair(socket.SOCK_SEQPACKET)
+    send_raw(a, WIRE.pack(b"pagemove", PAGE), sent)
+    os.close(sent[0])
+    before = open_fds()
+    with vm.PageBuffer(PAGE, memfd=True) as good:
+        good[:4] = b"next"
+        vm.handoff(a, good, shared=True)
+    with pytest.raises(ValueError, match="open (read-only|write-only|O_PATH)"):
+        vm.takeover(b, shared=True)
+    with vm.takeover(b, shared=True) as got:
+        assert got[:4] == b"next"
+    assert open_fds() == before
+    ro, _ = _reopened(os.O_RDONLY)(PAGE, b"sealed")
+    send_raw(a, WIRE.pack(b"pagemove", PAGE), ro)
+    os.close(ro[0])
+    with vm.takeover(b) as got:  # a private copy-on-write view needs only read access
+        assert got[:6] == b"sealed"
+    a.close()
+    b.close()
 
 
 def test_takeover_refuses_a_hostile_child_that_keeps_writing():

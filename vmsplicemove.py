@@ -707,8 +707,13 @@ def pipe(size: int | None = None) -> tuple[int, int]:
             why = f"{_NO_FD[exc.errno]}: close some, or raise the limit" if exc.errno in _NO_FD else exc
             raise OSError(exc.errno, f"pipe: {why}") from None
         r, w = ends[0]
-        if size is not None:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+        try:
+            if size is not None:
+                fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+        except PermissionError:
+            raise PermissionError(errno.EPERM, f"pipe: {size} bytes is more than pipe-max-size "
+                                  f"({_read_setting(_PIPE_MAX_SIZE, '?')}) or this user's pipe-user-pages "
+                                  f"allow without CAP_SYS_RESOURCE: ask for less, or pipe()") from None
         while want > PAGE_SIZE and fcntl.fcntl(w, _F_GETPIPE_SZ) < want:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, _F_SETPIPE_SZ, want)
@@ -912,11 +917,15 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
         _map_into(state, *checked)
         failed = None
     except (OSError, MemoryError) as exc:  # ENOMEM, say: a size this process cannot map now
-        failed = OSError(getattr(exc, "errno", None) or errno.ENOMEM, f"takeover: cannot map the "
-                         f"{checked[2]} bytes the handoff announces ({exc}); it is still queued: free "
-                         f"memory and call takeover again, or close the socket")
+        err = getattr(exc, "errno", None) or errno.ENOMEM
+        failed = OSError(err, f"takeover: cannot map the {checked[2]} bytes the handoff announces ({exc}); "
+                         + ("it is still queued: free memory and call takeover again, or close the socket"
+                            if err == errno.ENOMEM else "the handoff is rejected"))
     if failed is not None:  # raised here, with no context whose frames would hold the peeked memfd
         peeked = checked = None  # type: ignore[assignment]
+        if failed.errno != errno.ENOMEM:  # no retry can map it: it leaves, closed
+            with contextlib.suppress(BlockingIOError):
+                _receive(obj, socket.MSG_DONTWAIT, state["taken"])
         raise failed
     try:
         _receive(obj, socket.MSG_DONTWAIT, state["taken"])  # one C step: now the pages are the caller's
@@ -949,12 +958,17 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
         raise ValueError(f"takeover: a malformed handoff message ({len(data)} bytes: {data[:24]!r})")
     if len(rights) != 1:
         raise ValueError(f"takeover: a handoff carries exactly one descriptor, not {len(rights)}")
-    size, info = _HANDOFF_HEADER.unpack(data)[1], os.fstat(rights[0].fileno())
+    fd = rights[0].fileno()
+    size, info, mode = _HANDOFF_HEADER.unpack(data)[1], os.fstat(fd), fcntl.fcntl(fd, fcntl.F_GETFL)
     if not stat.S_ISREG(info.st_mode) or info.st_dev != (_memfd_device or [info.st_dev])[0]:  # not tmpfs
-        what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(rights[0].fileno())
+        what = "a hugetlbfs or tmpfs file" if stat.S_ISREG(info.st_mode) else _describe_fd(fd)
         raise ValueError(f"takeover: the descriptor received is {what}, not a memfd of shmem (memfd_create "
                          f"without MFD_HUGETLB)")
-    seals = fcntl.fcntl(rights[0].fileno(), _F_GET_SEALS)
+    if mode & getattr(os, "O_PATH", 0) or mode & os.O_ACCMODE not in (os.O_RDWR, os.O_RDONLY):
+        how = "O_PATH" if mode & os.O_ACCMODE == os.O_RDONLY else "write-only"
+        raise ValueError(f"takeover: the memfd came open {how}, so it cannot be mapped: send it open for "
+                         f"reading and writing")
+    seals = fcntl.fcntl(fd, _F_GET_SEALS)
     needed = {_F_SEAL_SHRINK: "F_SEAL_SHRINK", _F_SEAL_GROW: "F_SEAL_GROW", _F_SEAL_WRITE: "F_SEAL_WRITE"}
     names = [name for bit, name in needed.items() if not seals & bit and (bit != _F_SEAL_WRITE or not shared)]
     if names:
@@ -963,7 +977,11 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
     if size != info.st_size or size <= 0 or size % PAGE_SIZE:
         raise ValueError(f"takeover: the handoff announces {size} bytes, the memfd holds {info.st_size} "
                          f"(both must agree, a positive multiple of {PAGE_SIZE})")
-    return rights[0], _VIEW if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else _SHARED, size
+    kind = _VIEW if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE) else _SHARED
+    if kind == _SHARED and mode & os.O_ACCMODE != os.O_RDWR:
+        raise ValueError("takeover: the memfd of a shared handoff came open read-only, so it cannot be "
+                         "mapped writable: send it open for reading and writing")
+    return rights[0], kind, size
 
 
 def _reserve_descriptors(obj: socket.socket) -> None:
