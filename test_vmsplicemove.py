@@ -2864,7 +2864,7 @@ def test_pipe_above_the_limit_is_refused_without_leaking():
         if caps & (1 << 24):
             pytest.skip("CAP_SYS_RESOURCE lifts pipe-max-size")
     before = open_fds()
-    with pytest.raises(PermissionError, match="pipe-max-size .* CAP_SYS_RESOURCE"):
+    with pytest.raises(PermissionError, match=r"pipe-max-size .* CAP_SYS_RESOURCE"):
         vm.pipe(pipe_max_size() * 2)
     assert open_fds() == before
 
@@ -3555,7 +3555,7 @@ def test_a_handoff_that_cannot_be_mapped_is_refused_and_the_next_one_arrives(acc
     with vm.PageBuffer(PAGE, memfd=True) as good:
         good[:4] = b"next"
         vm.handoff(a, good, shared=True)
-    with pytest.raises(ValueError, match="open (read-only|write-only|O_PATH)"):
+    with pytest.raises(ValueError, match=r"open (read-only|write-only|O_PATH)"):
         vm.takeover(b, shared=True)
     with vm.takeover(b, shared=True) as got:
         assert got[:4] == b"next"
