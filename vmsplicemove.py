@@ -867,11 +867,11 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
 
     Raises EOFError (the peer closed the socket without a handoff), PermissionError (a seal is
     missing: the sender could still change or truncate the pages), ValueError (a malformed handoff:
-    size, magic, not a memfd, not one descriptor; ``sock`` not a connected Unix socket), TypeError,
-    OSError (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot be mapped; the
-    handoff stays queued).  A signal handler's exception after the message left carries its pages in
-    ``buffer`` (None before: the message is still queued; on CPython 3.9/3.10 one raised as the call
-    returns loses the handoff: README, Limits).
+    size, magic, not one descriptor, not a memfd open to be mapped; ``sock`` not a connected Unix
+    socket), TypeError, OSError (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot
+    be mapped; the handoff stays queued).  A signal handler's exception after the message left carries
+    its pages in ``buffer`` (None before: the message is still queued; on CPython 3.9/3.10 one raised
+    as the call returns loses the handoff: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
