@@ -2520,13 +2520,19 @@ def _locked_gift_storm(seed, how, wanted):
     vm._dontneed_locked = False  # as before Linux 5.18: MADV_DONTNEED refuses locked pages
     if how == "mlockall" and libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
         raise OSError(ctypes.get_errno(), "mlockall")
-    armed = [False]
+    armed, busy = [False], [False]
 
     def handler(signum, frame):
-        while armed[0] and frame is not None:
-            if frame.f_code.co_filename == vm.__file__:
-                raise KeyboardInterrupt
-            frame = frame.f_back
+        if busy[0]:  # a tick while this handler walks the frames (3.9 runs handlers inside handlers)
+            return
+        busy[0] = True
+        try:
+            while armed[0] and frame is not None:
+                if frame.f_code.co_filename == vm.__file__:
+                    raise KeyboardInterrupt
+                frame = frame.f_back
+        finally:
+            busy[0] = False
 
     signal.signal(signal.SIGALRM, handler)
     r, w = vm.pipe(1 << 20)
@@ -2538,7 +2544,7 @@ def _locked_gift_storm(seed, how, wanted):
             raise OSError(ctypes.get_errno(), "mlock")
         buf[:] = b"A" * len(buf)
         armed[0], cut = True, False
-        signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 1e-4), 5e-5)
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 1e-4), 2e-4)
         try:
             vm.gift(w, buf)
         except KeyboardInterrupt:
