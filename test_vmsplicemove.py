@@ -4361,6 +4361,17 @@ def test_probe_sees_what_this_kernel_does_with_vmsplice():
         assert support.move is None and "CAP_SYS_ADMIN" in support.reason
 
 
+def test_probe_says_whether_memfd_pages_can_be_huge():
+    """Handoffs are only as fast as their memfd's pages are large: the reason says how they become
+    huge (MADV_COLLAPSE where shmem THP is never, MADV_HUGEPAGE where it allows), or that they cannot."""
+    reason, mode = vm.probe(refresh=True).reason, thp_mode("shmem_enabled")
+    if mode in ("deny", "unavailable"):
+        assert "Memfd pages (handoff) cannot be huge" in reason, reason
+    else:
+        how = "MADV_COLLAPSE" if mode == "never" else "MADV_HUGEPAGE"
+        assert f"Memfd pages (handoff) can be huge by {how}" in reason and repr(mode) in reason, reason
+
+
 def test_probe_leaves_nothing_behind():
     vm.probe(refresh=True)
     fds = open_fds()

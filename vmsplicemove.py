@@ -1064,9 +1064,9 @@ def probe(refresh: bool = False) -> Support:
 
     It queues a page and changes it (zero-copy gift), compares frame numbers in ``/proc/self/pagemap``
     across a gift and move (hidden without CAP_SYS_ADMIN), hands a memfd page to itself, and reads the
-    settings: never from a version number, leaving nothing behind, raising nothing for what the system
-    lacks.  Findings that needed a descriptor when none was free (EMFILE) are None, and such a record
-    is not cached: the next call looks again."""
+    settings (``reason`` says whether memfd pages can be huge): never from a version number, leaving
+    nothing behind, raising nothing for what the system lacks.  Findings that needed a descriptor when
+    none was free (EMFILE) are None, and such a record is not cached: the next call looks again."""
     global _probe_cache
     with _probe_lock:
         if _probe_cache is None or refresh:
@@ -1074,11 +1074,18 @@ def probe(refresh: bool = False) -> Support:
             starved: list = []  # EMFILE or ENFILE met: a passing shortage, not a fact to keep
             works, zero_copy, moved = _observe_vmsplice(notes, starved)
             handed = _observe_handoff(notes, starved)
-            thp, size = (_setting(path, notes, starved) for path in (_THP + "enabled", _PIPE_MAX_SIZE))
+            thp, shmem, size = (_setting(path, notes, starved)
+                                for path in (_THP + "enabled", _THP + "shmem_enabled", _PIPE_MAX_SIZE))
             mode = "unknown" if thp is None else _thp_mode("", thp)
             if mode != "unknown":
                 notes.append("Transparent huge pages are unavailable." if mode == "unavailable"
                              else f"Transparent huge pages are in mode {mode!r}.")
+            if shmem is not None:  # what PageBuffer(memfd=True) and so handoff get: see _huge_advice
+                shmem = _thp_mode("", shmem)
+                how = {"never": "by MADV_COLLAPSE (Linux 6.1+)", "deny": "", "unavailable": ""}.get(
+                    shmem, "by MADV_HUGEPAGE")
+                notes.append(f"Memfd pages (handoff) {'can be huge ' + how if how else 'cannot be huge'}: "
+                             f"shmem THP is {shmem!r}.")
             max_size = int(size) if size and size.isdigit() else None
             if max_size:
                 notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
