@@ -449,6 +449,26 @@ def _storm_seed():
     return int(seed) if seed else random.SystemRandom().getrandbits(32)
 
 
+def raising_handler(armed):
+    """A SIGALRM handler that raises KeyboardInterrupt while ``armed[0]`` and a frame of the module is
+    on the stack; a tick that lands while it runs returns at once (3.9/3.10 run handlers in handlers,
+    and nested walks end in RecursionError)."""
+    busy = [False]
+
+    def handler(signum, frame):
+        if busy[0]:
+            return
+        busy[0] = True
+        try:
+            while armed[0] and frame is not None:
+                if frame.f_code.co_filename == vm.__file__:
+                    raise KeyboardInterrupt
+                frame = frame.f_back
+        finally:
+            busy[0] = False
+    return handler
+
+
 def _where(exc):
     """Where ``exc`` was raised, for failure messages: the module's frames (function, line,
     instruction offset), and the same for the exception it replaced, if any."""
@@ -2090,21 +2110,7 @@ def _leak_storm(what, seed, rounds, floor, cap=40.0):
     then every count must be as before, every export released, every handoff found exactly once."""
     rng = random.Random(seed)
     stats = {"armed": [False], "interrupted": 0, "rounds": 0, "lost": [], "doubled": []}
-    busy = [False]
-
-    def handler(signum, frame):
-        if busy[0]:  # a tick while the last one is handled (3.9/3.10 run handlers in handlers)
-            return
-        busy[0] = True
-        try:
-            while stats["armed"][0] and frame is not None:
-                if frame.f_code.co_filename == vm.__file__:
-                    raise KeyboardInterrupt
-                frame = frame.f_back
-        finally:
-            busy[0] = False
-
-    signal.signal(signal.SIGALRM, handler)
+    signal.signal(signal.SIGALRM, raising_handler(stats["armed"]))
     r, w = vm.pipe(64 * PAGE)
     a, b = unix_pair(socket.SOCK_SEQPACKET)
     b.setblocking(False)
@@ -2520,21 +2526,8 @@ def _locked_gift_storm(seed, how, wanted):
     vm._dontneed_locked = False  # as before Linux 5.18: MADV_DONTNEED refuses locked pages
     if how == "mlockall" and libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
         raise OSError(ctypes.get_errno(), "mlockall")
-    armed, busy = [False], [False]
-
-    def handler(signum, frame):
-        if busy[0]:  # a tick while this handler walks the frames (3.9 runs handlers inside handlers)
-            return
-        busy[0] = True
-        try:
-            while armed[0] and frame is not None:
-                if frame.f_code.co_filename == vm.__file__:
-                    raise KeyboardInterrupt
-                frame = frame.f_back
-        finally:
-            busy[0] = False
-
-    signal.signal(signal.SIGALRM, handler)
+    armed = [False]
+    signal.signal(signal.SIGALRM, raising_handler(armed))
     r, w = vm.pipe(1 << 20)
     buf = vm.PageBuffer(4 * PAGE)
     out = {"gifts": 0, "cut after queueing": 0, "bad": []}

@@ -334,12 +334,12 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _huge_advice(memfd: bool) -> int | None:
+def _huge_advice(memfd: bool, shmem: str | None = None) -> int | None:
     """How this memory gets huge pages: MADV_HUGEPAGE, MADV_COLLAPSE (memfd, shmem THP ``never``:
-    Linux 6.1+ collapses all the same) or None (THP off, or ``deny``)."""
+    Linux 6.1+ collapses all the same) or None (THP off, or ``deny``); ``shmem``: that setting's text."""
     if not memfd:
         return None if _thp_mode("enabled") in ("never", "unavailable") else _MADV_HUGEPAGE
-    mode = _thp_mode("shmem_enabled")
+    mode = _thp_mode("shmem_enabled", shmem)
     return None if mode in ("deny", "unavailable") else _MADV_COLLAPSE if mode == "never" else _MADV_HUGEPAGE
 
 
@@ -1081,11 +1081,10 @@ def probe(refresh: bool = False) -> Support:
                 notes.append("Transparent huge pages are unavailable." if mode == "unavailable"
                              else f"Transparent huge pages are in mode {mode!r}.")
             if shmem is not None:  # what PageBuffer(memfd=True) and so handoff get: see _huge_advice
-                shmem = _thp_mode("", shmem)
-                how = {"never": "by MADV_COLLAPSE (Linux 6.1+)", "deny": "", "unavailable": ""}.get(
-                    shmem, "by MADV_HUGEPAGE")
+                ways = {_MADV_COLLAPSE: "by MADV_COLLAPSE (Linux 6.1+)", _MADV_HUGEPAGE: "by MADV_HUGEPAGE"}
+                how = ways.get(_huge_advice(True, shmem) or 0, "")
                 notes.append(f"Memfd pages (handoff) {'can be huge ' + how if how else 'cannot be huge'}: "
-                             f"shmem THP is {shmem!r}.")
+                             f"shmem THP is {_thp_mode('', shmem)!r}.")
             max_size = int(size) if size and size.isdigit() else None
             if max_size:
                 notes.append(f"Pipes can hold up to {max_size} bytes (pipe-max-size).")
