@@ -4174,6 +4174,42 @@ def test_live_update_a_next_version_that_died_loses_nothing(kind, shared):
         assert got["frames"] == sent["frames"][0]
 
 
+def _die_once_it_arrives(inbound):
+    _readable(socket.socket(fileno=inbound))
+    os.kill(os.getpid(), signal.SIGKILL)  # the handoff is queued, not taken
+
+
+@SOCKET_TYPES
+@pytest.mark.parametrize("took", [False, True], ids=["never-took", "took"])
+def test_live_update_a_sender_that_kept_the_next_versions_end_takes_back_what_it_never_took(kind, took):
+    """The next version dies after the handoff was sent: had it not taken it, the sender, holding its
+    own copy of that version's end, takes the very pages back; had it, the queue is empty
+    (BlockingIOError, no wait) and nothing is left anywhere (README, Live update)."""
+    size = 16 * PAGE
+    mine, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    name, args = ("_live_take", [size, 66, 1, True]) if took else ("_die_once_it_arrives", [])
+    with mine, theirs:
+        before = open_fds()
+        proc = _program(name, theirs.fileno(), *args, fds=[theirs.fileno()])
+        buf = vm.PageBuffer(size, memfd=True)
+        _live_fill(buf, 66)
+        frames = page_frames(buf.address, size)
+        assert vm.handoff(mine, buf, shared=True) == size
+        proc.communicate(timeout=120)
+        assert proc.returncode == (0 if took else -signal.SIGKILL)
+        theirs.settimeout(0)
+        if took:
+            with pytest.raises(BlockingIOError):
+                vm.takeover(theirs, shared=True)
+        else:
+            back = vm.takeover(theirs, shared=True)
+            assert _live_bad(back, 66, 1) is None and _perms(back) == "rw-s"
+            if frames_visible():
+                assert page_frames(back.address, size) == frames, "not the very pages"
+            back.close()
+        assert open_fds() == before and memfd_held() == ([], [])
+
+
 @SOCKET_TYPES
 def test_live_update_several_buffers_over_one_socket_arrive_in_order(kind):
     """A live update carries several regions: one message each, taken in the order sent, shared and
