@@ -449,10 +449,11 @@ def _storm_seed():
     return int(seed) if seed else random.SystemRandom().getrandbits(32)
 
 
-def raising_handler(armed):
+def raising_handler(armed, once=False):
     """A SIGALRM handler that raises KeyboardInterrupt while ``armed[0]`` and a frame of the module is
-    on the stack; a tick that lands while it runs returns at once (3.9/3.10 run handlers in handlers,
-    and nested walks end in RecursionError)."""
+    on the stack (``once``: disarming itself first); a tick that lands while it runs returns at once
+    (3.9/3.10 run handlers in handlers: nested walks end in RecursionError, and one raising inside
+    another that then returns gives "SystemError: ... returned a result with an error set")."""
     busy = [False]
 
     def handler(signum, frame):
@@ -462,6 +463,7 @@ def raising_handler(armed):
         try:
             while armed[0] and frame is not None:
                 if frame.f_code.co_filename == vm.__file__:
+                    armed[0] = not once
                     raise KeyboardInterrupt
                 frame = frame.f_back
         finally:
@@ -1196,6 +1198,22 @@ class Env:
         return client
 
     @functools.cached_property
+    def dup2_dgram(self):
+        """A stream socket object whose descriptor is now a connected datagram socket's."""
+        stream, dgram = self.keep(socket.socketpair()), self.keep(socket.socketpair(type=socket.SOCK_DGRAM))
+        os.dup2(dgram[0].fileno(), stream[0].fileno())
+        return stream[0]
+
+    @functools.cached_property
+    def ssl_unix(self):
+        """A connected AF_UNIX stream socket wrapped in TLS (no handshake yet)."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        pair = self.keep(socket.socketpair())
+        return self.keep(context.wrap_socket(pair[0], do_handshake_on_connect=False))
+
+    @functools.cached_property
     def unconnected(self):
         return self.keep(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
 
@@ -1382,6 +1400,14 @@ def _build_rules():
          ValueError)
     rule("handoff on a listening socket", lambda e: call(handoff, e.listening, e.mbuf), ValueError)
     rule("handoff on a closed descriptor", lambda e: call(handoff, e.dead, e.mbuf), (ValueError, OSError))
+    # a socket object whose own family and type are not its descriptor's (TCP drops SCM_RIGHTS silently)
+    rule("handoff over TCP behind a Unix socket object", lambda e: call(handoff, e.keep(socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(e.tcp.fileno()))), e.mbuf), ValueError,
+         "not a Unix")
+    rule("handoff over a datagram socket dup2'd under a stream one",
+         lambda e: call(handoff, e.dup2_dgram, e.mbuf), ValueError, "stream or seqpacket")
+    rule("handoff over an SSL socket", lambda e: call(handoff, e.ssl_unix, e.mbuf), TypeError, "sendmsg")
+    rule("takeover from an SSL socket", lambda e: call(vm.takeover, e.ssl_unix), TypeError, "recvmsg")
     for name, sock in (("str", "3"), ("None", None), ("float", 3.0)):
         rule(f"handoff sock {name}", lambda e, sock=sock: call(handoff, sock, e.mbuf), TypeError)
 
@@ -2210,14 +2236,7 @@ def test_a_raising_signal_storm_leaks_nothing_and_loses_no_handoff(what):
 def _handoff_storm(seed, count):
     rng = random.Random(seed)
     armed = [False]
-
-    def handler(signum, frame):
-        while armed[0] and frame is not None:
-            if frame.f_code.co_filename == vm.__file__:
-                raise KeyboardInterrupt
-            frame = frame.f_back
-
-    signal.signal(signal.SIGALRM, handler)
+    signal.signal(signal.SIGALRM, raising_handler(armed))
     sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     receiver.setblocking(False)
     outcomes = {"delivered": 0, "returned": 0, "given back": 0, "bad": []}
@@ -2274,15 +2293,7 @@ def _one_interrupt_per_handoff(seed, rounds):
     and then the pages must have gone with ``buf`` closed (the docstring's rule)."""
     rng = random.Random(seed)
     armed = [False]
-
-    def handler(signum, frame):
-        while armed[0] and frame is not None:
-            if frame.f_code.co_filename == vm.__file__:
-                armed[0] = False  # one per call
-                raise KeyboardInterrupt
-            frame = frame.f_back
-
-    signal.signal(signal.SIGALRM, handler)
+    signal.signal(signal.SIGALRM, raising_handler(armed, once=True))  # one per call
     a, b = unix_pair(socket.SOCK_SEQPACKET)
     b.setblocking(False)
     out = {"rounds": 0, "after the unmap": 0, "after sending": 0, "after the return": 0, "bad": []}
@@ -3527,10 +3538,12 @@ def test_takeover_refuses_a_hostile_sender_and_keeps_nothing(case, kind):
         send_raw(a, data, sent)
         a.shutdown(socket.SHUT_WR)  # a receiver that waits for more bytes sees the end
         fds_before = open_fds()
-        with pytest.raises(refusal):
+        with pytest.raises(refusal) as refused:
             vm.takeover(b)
+        # while the exception lives (a caller may keep it): its frames must not keep them open
         assert open_fds() == fds_before, "a received descriptor was left open"
         assert mappings_of(inodes) == [], "something received was mapped"
+        assert refused.value.__traceback__ is not None
     finally:
         for fd in owned:
             os.close(fd)
@@ -4243,14 +4256,8 @@ def test_live_update_several_buffers_over_one_socket_arrive_in_order(kind):
 # ``buffer`` loses the handoff it took (README, Limits): counted as "cut at the return".
 def _live_storm(seed, kind, count, where):
     rng = random.Random(seed)
-    armed, once = [False], not _COUNT_ALWAYS_ATTACHED  # 3.9, 3.10: see above; one raise per call
-
-    def handler(signum, frame):
-        while armed[0] and frame is not None:
-            if frame.f_code.co_filename == vm.__file__:
-                armed[0] = not once
-                raise KeyboardInterrupt
-            frame = frame.f_back
+    armed = [False]
+    handler = raising_handler(armed, once=not _COUNT_ALWAYS_ATTACHED)  # 3.9, 3.10: see above; one a call
 
     def storm(call, *args, **kwargs):
         signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 3e-4), 2e-4)

@@ -743,11 +743,12 @@ _MAX_FDS = 253  # SCM_MAX_FD: room for every descriptor a hostile sender can att
 _SO_PASSPIDFD, _SCM_PIDFD = 76, 4  # Linux 6.5: the sender's pidfd, in a control message of its own
 _FD_MESSAGES = {(socket.SOL_SOCKET, socket.SCM_RIGHTS), (socket.SOL_SOCKET, _SCM_PIDFD)}
 _CONTROL_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4) + 2 * socket.CMSG_SPACE(16)  # + a pidfd, credentials
-# Plain ints: socket's IntFlag operators and socket.socket's family and type run enum code: a quarter
+# Plain ints: socket's IntFlag operators (and socket.socket's family and type) run enum code: a quarter
 # of a takeover in a fresh interpreter (0.79 ms, 0.58 without)
 _TAKE = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0) | socket.MSG_DONTWAIT)  # the message leaves
 _PEEK, _TRUNCATED = _TAKE | int(socket.MSG_PEEK), int(socket.MSG_CTRUNC)  # a look; a cut control part
-_family_of, _type_of = socket.SocketType.family.__get__, socket.SocketType.type.__get__  # the C type's
+(_SO_DOMAIN,) = _constants(socket, SO_DOMAIN=39)
+_SOCKET_CALLS = ("fileno", "getsockopt", "getpeername", "recv", "recvmsg", "sendmsg")  # all we call on one
 _memfd_device: list = []  # st_dev of the kernel's internal shmem mount, where every memfd lives
 _ancdata, _payload = operator.itemgetter(1), operator.itemgetter(2)
 _level_and_type, _descriptor_numbers = operator.itemgetter(0, 1), functools.partial(array.array, "i")
@@ -758,6 +759,11 @@ def _unix_socket(sock: Any, call: str) -> Any:
     the caller's socket, or for a descriptor a socket of ours on a duplicate, closed on leaving (not a
     generator: one left suspended by a raising handler would clean up in the garbage collector)."""
     if isinstance(sock, socket.socket):
+        replaced = [name for name in _SOCKET_CALLS
+                    if getattr(type(sock), name) is not getattr(socket.SocketType, name)]
+        if replaced:
+            raise TypeError(f"{call} needs a plain socket.socket or a descriptor: {type(sock).__name__} "
+                            f"replaces its {', '.join(replaced)}, which {call} calls")
         obj, manager = sock, contextlib.nullcontext(sock)  # type: Any, Any
     elif isinstance(sock, int) and not isinstance(sock, bool):
         try:
@@ -775,8 +781,13 @@ def _unix_socket(sock: Any, call: str) -> Any:
         obj, manager = owned[0], contextlib.closing(owned[0])
     else:
         raise TypeError(f"{call} needs a socket or its descriptor, not {type(sock).__name__}")
-    family, kind = _family_of(obj), _type_of(obj)
-    problem = ("closed" if obj.fileno() < 0 else "not a Unix (AF_UNIX) socket" if family != socket.AF_UNIX
+    try:  # the kernel's answer: an object's own can be stale (fileno= with a family given, a dup2 over it),
+        family = obj.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)  # and TCP drops SCM_RIGHTS without a word
+        kind = obj.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        family = kind = -1
+    problem = ("closed" if obj.fileno() < 0 else "not a socket now (its descriptor was closed or replaced)"
+               if family == -1 else "not a Unix (AF_UNIX) socket" if family != socket.AF_UNIX
                else "" if kind in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
                else "not a stream or seqpacket socket")
     if not problem:
@@ -914,10 +925,11 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
         return  # another thread took it while this one waited: wait for the next
     try:
         checked = _check_handoff(peeked, shared)
-    except (ValueError, PermissionError, EOFError):
+    except (ValueError, PermissionError, EOFError) as exc:
         with contextlib.suppress(BlockingIOError):  # (another thread took it)
-            _receive(obj, _TAKE, state["taken"])  # a rejected message leaves, closed
-        raise
+            _receive(obj, _TAKE, state["taken"])  # a rejected message leaves, closed ...
+        del peeked[:], state["taken"][:]  # ... now, even if the caller keeps the exception, and so do
+        raise exc.with_traceback(None) from None  # the owners in _check_handoff's frame (up to 253)
     try:
         _map_into(state, *checked)
         failed = None
@@ -931,6 +943,7 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
         if failed.errno != errno.ENOMEM:  # no retry can map it: it leaves, closed
             with contextlib.suppress(BlockingIOError):
                 _receive(obj, _TAKE, state["taken"])
+            del state["taken"][:]
         raise failed
     try:
         _receive(obj, _TAKE, state["taken"])  # one C step: now the pages are the caller's
@@ -956,7 +969,7 @@ def _check_handoff(received: list, shared: bool) -> tuple[Any, str, int]:
     (data, _, msg_flags, _), owners = received[0], received[1:]
     rights = _rights(received[:1], owners)
     if not data and not owners:
-        raise EOFError("takeover: the peer closed the socket without a handoff")
+        raise EOFError("takeover: the peer closed the socket (or sent an empty message) without a handoff")
     if msg_flags & _TRUNCATED:
         raise ValueError(f"takeover: a malformed handoff: more than {_MAX_FDS} descriptors (MSG_CTRUNC)")
     if len(data) != _HANDOFF_HEADER.size or not data.startswith(_HANDOFF_MAGIC):  # MSG_TRUNC: longer
@@ -1407,7 +1420,7 @@ def _demo(size: int) -> None:
     sent, got = runs["handoff"]["sender_frames"], runs["handoff"]["receiver_frames"]
     print("handoff: the pages themselves changed hands, " + (
         "frame numbers unknown (hidden without CAP_SYS_ADMIN, or no /proc)" if not all(sent + got) else
-        f"the receiver maps the sender's very frames ({', '.join(map(hex, dict.fromkeys(got)))})"
+        f"the receiver maps the sender's very frames (first and last page: {', '.join(map(hex, got))})"
         if sent == got else f"the receiver got other frames: {sent} -> {got}"))
     _chain(size)
 
