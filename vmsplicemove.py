@@ -814,7 +814,8 @@ def handoff(sock: Any, buf: PageBuffer, *, shared: bool = False) -> int:
     writable, to hand on again with no copy.
 
     Raises TypeError, ValueError or BufferError, leaving ``buf`` as it was (not a memfd buffer; closed,
-    a copy-on-write view or exported; ``sock`` not a connected Unix socket), OSError (BrokenPipeError:
+    a copy-on-write view or exported; ``sock`` not a connected Unix socket as the kernel tells, or of a
+    type that replaces sendmsg, as an SSL socket does), OSError (BrokenPipeError:
     the peer has gone; EBUSY: another writable mapping stops the seal).  Any exception after those
     checks, a signal handler's too, carries ``transferred`` (``len(buf)`` if the pages went, else 0)
     and ``buffer`` (the pages if ``buf`` was closed and they did not go, else None); both are missing
@@ -884,8 +885,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     Raises EOFError (the peer closed the socket without a handoff), PermissionError (a seal is
     missing: the sender could still change or truncate the pages), ValueError (a malformed handoff:
     size, magic, not one descriptor, not a memfd open to be mapped; ``sock`` not a connected Unix
-    socket), TypeError, OSError (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot
-    be mapped; the handoff stays queued).  A signal handler's exception after the message left carries
+    socket), TypeError (``sock`` of a type that replaces recvmsg, as an SSL socket does), OSError
+    (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot be mapped; the handoff stays
+    queued).  A rejected handoff's descriptors are closed before it raises.  A signal handler's exception after the message left carries
     its pages in ``buffer`` (None before: the message is still queued; on CPython 3.9/3.10 one raised
     as the call returns loses the handoff: README, Limits).
     """
