@@ -887,9 +887,9 @@ def takeover(sock: Any, *, shared: bool = False) -> PageBuffer:
     size, magic, not one descriptor, not a memfd open to be mapped; ``sock`` not a connected Unix
     socket), TypeError (``sock`` of a type that replaces recvmsg, as an SSL socket does), OSError
     (EMFILE: no descriptor free to receive into; ENOMEM: the size cannot be mapped; the handoff stays
-    queued).  A rejected handoff's descriptors are closed before it raises.  A signal handler's exception after the message left carries
-    its pages in ``buffer`` (None before: the message is still queued; on CPython 3.9/3.10 one raised
-    as the call returns loses the handoff: README, Limits).
+    queued).  A rejected handoff's descriptors are closed before it raises.  A signal handler's
+    exception after the message left carries its pages in ``buffer`` (None before: the message is
+    still queued; on CPython 3.9/3.10 one raised as the call returns loses the handoff: README, Limits).
     """
     if type(shared) is not bool:
         raise TypeError(f"shared must be True or False, not {shared!r}")
