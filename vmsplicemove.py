@@ -928,10 +928,9 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     try:
         checked = _check_handoff(peeked, shared)
     except (ValueError, PermissionError, EOFError) as exc:
-        with contextlib.suppress(BlockingIOError):  # (another thread took it)
-            _receive(obj, _TAKE, state["taken"])  # a rejected message leaves, closed ...
-        del peeked[:], state["taken"][:]  # ... now, even if the caller keeps the exception, and so do
-        raise exc.with_traceback(None) from None  # the owners in _check_handoff's frame (up to 253)
+        _reject(obj, state)
+        del peeked[:]  # the look's duplicates too, and the traceback, whose _check_handoff frame holds them
+        raise exc.with_traceback(None) from None
     try:
         _map_into(state, *checked)
         failed = None
@@ -942,10 +941,8 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
                             if err == errno.ENOMEM else "the handoff is rejected"))
     if failed is not None:  # raised here, with no context whose frames would hold the peeked memfd
         peeked = checked = None  # type: ignore[assignment]
-        if failed.errno != errno.ENOMEM:  # no retry can map it: it leaves, closed
-            with contextlib.suppress(BlockingIOError):
-                _receive(obj, _TAKE, state["taken"])
-            del state["taken"][:]
+        if failed.errno != errno.ENOMEM:  # no retry can map it
+            _reject(obj, state)
         raise failed
     try:
         _receive(obj, _TAKE, state["taken"])  # one C step: now the pages are the caller's
@@ -956,6 +953,14 @@ def _take(obj: socket.socket, shared: bool, state: dict) -> None:
     if taken[0][0] != peeked[0][0] or same == [False]:  # another took the one looked at: this one, as it is
         state["mapped"] = []  # first: the pages looked at are another's
         _map_into(state, *_check_handoff(taken, shared))
+
+
+def _reject(obj: socket.socket, state: dict) -> None:
+    """Take a rejected message off the socket and close its descriptors now (up to 253), even if the
+    caller keeps the exception (its frames hold ``state``)."""
+    with contextlib.suppress(BlockingIOError):  # (another thread took it)
+        _receive(obj, _TAKE, state["taken"])
+    del state["taken"][:]
 
 
 def _map_into(state: dict, memfd: Any, kind: str, size: int) -> None:
